@@ -1,0 +1,192 @@
+"""VMamba's 2-D selective scan: cross-scan / cross-merge, SS2D and the VSS block.
+
+Parameter names follow VMamba (``in_proj``, ``conv2d``, ``x_proj_weight``, ``dt_projs_weight``, ``dt_projs_bias``,
+``A_logs``, ``Ds``, ``out_norm``, ``out_proj``) so the released CSM checkpoints' SS2D weights map one to one.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scan import selective_scan
+
+SCAN_DIRECTIONS = (1, 2, 4)
+
+
+def cross_scan(x, directions=4):
+    """Unfold a feature map into ``directions`` sequences.
+
+    x: (B, C, H, W) -> (B, K, C, H*W). K = 1: row-major; K = 2: row-major and column-major; K = 4: those two and
+    both reversed (VMamba's order).
+    """
+    if directions not in SCAN_DIRECTIONS:
+        raise ValueError(f"scan directions must be one of {SCAN_DIRECTIONS}; got {directions}")
+    rows = x.flatten(2)
+    if directions == 1:
+        return rows[:, None]
+    cols = x.transpose(2, 3).flatten(2)
+    both = torch.stack([rows, cols], dim=1)
+    if directions == 2:
+        return both
+    return torch.cat([both, both.flip(-1)], dim=1)
+
+
+def cross_merge(y, height, width):
+    """Sum the directions' sequences back onto the map: the adjoint of ``cross_scan``.
+
+    y: (B, K, C, H*W) -> (B, C, H, W).
+    """
+    batch, directions, channels, _ = y.shape
+    if directions not in SCAN_DIRECTIONS:
+        raise ValueError(f"scan directions must be one of {SCAN_DIRECTIONS}; got {directions}")
+    if directions == 4:
+        y = y[:, :2] + y[:, 2:].flip(-1)
+    out = y[:, 0].view(batch, channels, height, width)
+    if directions > 1:
+        out = out + y[:, 1].view(batch, channels, width, height).transpose(2, 3)
+    return out
+
+
+def _dt_bias_init(size, dt_min, dt_max, dt_floor):
+    """Mamba's dt init: softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class SS2D(nn.Module):
+    """2-D selective scan over K directions (VMamba, forward type "v2").
+
+    in_proj (C -> 2*d_inner, no bias) -> x, z; z = SiLU(z); depthwise conv3x3 + SiLU on x; cross-scan; per
+    direction x_proj -> (dt, B, C), dt_proj; selective scan; cross-merge; LayerNorm(d_inner); * z; out_proj.
+
+    Input and output: (B, H, W, C), channels last.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        d_state=16,
+        ssm_ratio=2.0,
+        dt_rank="auto",
+        d_conv=3,
+        scan_directions=4,
+        dt_min=1e-3,
+        dt_max=0.1,
+        dt_init_floor=1e-4,
+        scan_backend="auto",
+    ):
+        super().__init__()
+        if scan_directions not in SCAN_DIRECTIONS:
+            raise ValueError(f"scan_directions must be one of {SCAN_DIRECTIONS}; got {scan_directions}")
+        d_inner = int(ssm_ratio * d_model)
+        rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        k = scan_directions
+        self.d_inner, self.d_state, self.dt_rank, self.directions = d_inner, d_state, rank, k
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        bound = d_inner**-0.5  # nn.Linear's default init for x_proj
+        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        bound = rank**-0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank).uniform_(-bound, bound))
+        self.dt_projs_bias = nn.Parameter(_dt_bias_init((k, d_inner), dt_min, dt_max, dt_init_floor))
+        # S4D-real init: A[d, n] = -(n + 1)
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(k * d_inner, 1))
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def scan(self, x):
+        """The 2-D selective scan of a (B, d_inner, H, W) map; returns (B, d_inner, H, W)."""
+        batch, _, height, width = x.shape
+        length = height * width
+        xs = cross_scan(x, self.directions)  # (B, K, d_inner, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        ys = selective_scan(
+            xs.reshape(batch, -1, length),
+            dts.reshape(batch, -1, length),
+            -torch.exp(self.A_logs.float()),
+            Bs,
+            Cs,
+            self.Ds.float(),
+            self.dt_projs_bias.float().view(-1),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return cross_merge(ys.view(batch, self.directions, self.d_inner, length), height, width)
+
+    def forward(self, x):
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        z = F.silu(z)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
+        y = self.scan(x).to(z.dtype).permute(0, 2, 3, 1)
+        return self.out_proj(self.out_norm(y) * z)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or with p = 0)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear on channels-last input."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VSSBlock(nn.Module):
+    """VMamba's visual state-space block on a (B, C, H, W) map.
+
+    ``u = u + DropPath(SS2D(LN(u)))``, then, when ``mlp_ratio > 0``, ``u = u + DropPath(MLP(LN(u)))`` (GELU).
+    ``mlp_ratio=0`` gives the released CSM code's block (no MLP).
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        d_state=16,
+        ssm_ratio=2.0,
+        dt_rank="auto",
+        d_conv=3,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        scan_directions=4,
+        scan_backend="auto",
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.op = SS2D(hidden_dim, d_state, ssm_ratio, dt_rank, d_conv, scan_directions, scan_backend=scan_backend)
+        self.drop_path = DropPath(drop_path)
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(hidden_dim)
+            self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio))
+        else:
+            self.norm2 = self.mlp = None
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.op(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2).contiguous()
