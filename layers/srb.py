@@ -1,0 +1,138 @@
+"""The State-space Residual Block (SRB, the paper's figure calls it VCB) and the released code's hybrid blocks.
+
+``StateSpaceResidualBlock`` is the paper's block: ACP -> (CNN branch | VSS branch) -> merge -> fusion -> outer skip.
+``ReleasedConvVSSBlock`` and ``ReleasedConvSwinBlock`` reproduce the authors' released code, forward passes and
+parameter names included, so its checkpoints load and give its outputs.
+"""
+
+import torch
+import torch.nn as nn
+from compressai.layers import ResidualBlock, conv1x1, conv3x3
+
+from .acp import AdaptiveChannelPartition, ChannelScore
+from .ss2d import VSSBlock
+from .swin import ConvTransBlock
+
+FUSIONS = ("conv1x1", "residual")
+
+class ConvResidualBlock(nn.Module):
+    """The figure's residual conv block: ``x + conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv3x3 (x)``; (B, C, H, W)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(channels, channels), nn.ReLU(inplace=True),
+            conv3x3(channels, channels), nn.ReLU(inplace=True),
+            conv3x3(channels, channels),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class StateSpaceResidualBlock(nn.Module):
+    """State-space Residual Block on a (B, C, H, W) map; same shape out.
+
+    ``x_local, x_ssm = ACP(x)``; the CNN branch (``ConvResidualBlock``) on ``x_local``; the VSS branch
+    (``VSSBlock``) on ``x_ssm``, or with ``ssm_branch=False`` a second ``ConvResidualBlock`` (the "CNN only"
+    ablation); ``y = ACP.merge(...)`` back in original channel order; ``out = x + fusion(y)`` with fusion a 1x1 conv
+    (``conv1x1``, the released code's) or the figure's ``ConvResidualBlock`` (``residual``).
+
+    Args:
+        channels: C.
+        ratio: share of channels for the CNN branch, ``C_local = round(ratio * C)``.
+        acp: ACP mode, ``adaptive``, ``static`` or ``none`` (see ``AdaptiveChannelPartition``).
+        ssm_branch: VSS block on the SSM share (True) or a CNN residual block (False).
+        fusion: ``conv1x1`` or ``residual``.
+        scan_directions, d_state, ssm_ratio, mlp_ratio, drop_path, scan_backend: passed to ``VSSBlock``.
+    """
+
+    def __init__(
+        self,
+        channels,
+        ratio=0.5,
+        acp="adaptive",
+        ssm_branch=True,
+        fusion="conv1x1",
+        scan_directions=4,
+        d_state=16,
+        ssm_ratio=2.0,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        scan_backend="auto",
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+        self.acp = AdaptiveChannelPartition(channels, ratio, acp)
+        local_channels = self.acp.local_channels
+        ssm_channels = channels - local_channels
+        self.cnn_branch = ConvResidualBlock(local_channels)
+        if ssm_branch:
+            self.ssm_branch = VSSBlock(
+                ssm_channels,
+                d_state=d_state,
+                ssm_ratio=ssm_ratio,
+                mlp_ratio=mlp_ratio,
+                drop_path=drop_path,
+                scan_directions=scan_directions,
+                scan_backend=scan_backend,
+            )
+        else:
+            self.ssm_branch = ConvResidualBlock(ssm_channels)
+        self.fusion = conv1x1(channels, channels) if fusion == "conv1x1" else ConvResidualBlock(channels)
+
+    def forward(self, x):
+        x_local, x_ssm, routing = self.acp(x)
+        y = self.acp.merge(self.cnn_branch(x_local), self.ssm_branch(x_ssm), routing)
+        return x + self.fusion(y)
+
+
+class ReleasedConvVSSBlock(nn.Module):
+    """The released code's CNN + VSS block (stages 2-3 of ``g_a``, 1-2 of ``g_s``) on (B, C, H, W); same shape out.
+
+    ``x = score(x)``; ``a, b = split(conv1_1(x))`` in halves; ``a = ResidualBlock(a) + a``; ``b = VSS(b)`` (no MLP,
+    ssm_ratio 2, d_state 16, dt_rank auto); ``x + conv1_2(cat(a, b))``: the residual adds to the *scored* x.
+    Keys: ``score.*``, ``conv1_1``, ``conv_block.conv1/conv2``, ``mambaVC_block.norm/op.*``, ``conv1_2``.
+    """
+
+    def __init__(self, channels, drop_path=0.1, scan_backend="auto"):
+        super().__init__()
+        half = channels // 2
+        self.half = half
+        self.score = ChannelScore(channels)
+        self.conv1_1 = conv1x1(channels, channels)
+        self.conv_block = ResidualBlock(half, half)
+        self.mambaVC_block = VSSBlock(
+            channels - half, d_state=16, ssm_ratio=2.0, dt_rank="auto", mlp_ratio=0, drop_path=drop_path,
+            scan_backend=scan_backend,
+        )
+        self.conv1_2 = conv1x1(channels, channels)
+
+    def forward(self, x):
+        x = self.score(x)
+        a, b = torch.split(self.conv1_1(x), (self.half, x.shape[1] - self.half), dim=1)
+        a = self.conv_block(a) + a
+        b = self.mambaVC_block(b)
+        return x + self.conv1_2(torch.cat((a, b), dim=1))
+
+
+class ReleasedConvSwinBlock(ConvTransBlock):
+    """The released code's CNN + Swin block (stage 1 of ``g_a``, last stage of ``g_s``).
+
+    On (B, C, H, W), C split in halves; same shape out. ``conv1_1`` is applied twice, a quirk of the released code
+    kept so its weights give its outputs; with ``with_score`` (the first block of a pair) the channel score sits
+    between the two: ``s = x``; ``x = conv1_1(x)``; [``x = score(x)``]; ``a, b = split(conv1_1(x))``; then TCM's
+    branches, ``s + conv1_2(cat(a, b))``. Keys: ConvTransBlock's, plus ``score.*`` with ``with_score``.
+    """
+
+    def __init__(self, channels, head_dim, window_size, drop_path=0.0, type="W", with_score=False):
+        half = channels // 2
+        super().__init__(half, channels - half, head_dim, window_size, drop_path, type)
+        self.score = ChannelScore(channels) if with_score else None
+
+    def forward(self, x):
+        y = self.conv1_1(x)
+        if self.score is not None:
+            y = self.score(y)
+        return x + self.branches(self.conv1_1(y))
