@@ -1,0 +1,208 @@
+"""Checkpoints: one format that describes itself, one loader that knows every format we accept.
+
+Our format (a dict of tensors and plain types, loadable with ``torch.load(weights_only=True)``)::
+
+    {"format": "csm-checkpoint", "version": 1, "preset": str | None, "config": CSMConfig as a dict,
+     "lambda": float | None, "state_dict": {...}, ...training state added by train.py...}
+
+``load_checkpoint`` also accepts CompressAI-style files (a raw state dict, or one wrapped under ``state_dict``,
+``network`` or ``model_state_dict``) from DataParallel/DDP (``module.``) or ``torch.compile`` (``_orig_mod.``), and
+the authors' released layout (their entropy-model keys sit at top level: mapped under ``entropy_model.``).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import CSMConfig
+from .csm import CSM
+from .registry import build_model, preset_config
+
+FORMAT = "csm-checkpoint"
+VERSION = 1
+WRAPPER_KEYS = ("state_dict", "network", "model_state_dict", "model")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+# The released code (and TCM) keep the entropy model's modules at the top level of the model.
+ENTROPY_MODEL_KEYS = (
+    "atten_mean.",
+    "atten_scale.",
+    "cc_mean_transforms.",
+    "cc_scale_transforms.",
+    "lrp_transforms.",
+    "gaussian_conditional.",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def save_checkpoint(path, model, lmbda=None, **extra):
+    """Write ``model`` (config, preset, lambda, state dict) and ``extra`` plain entries to ``path`` atomically.
+
+    The file is written to a temporary file in the same folder and renamed, so an interrupted save never leaves a
+    truncated checkpoint behind.
+    """
+    model = unwrap_model(model)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "preset": model.preset,
+        "config": model.config.to_dict(),
+        "lambda": None if lmbda is None else float(lmbda),
+        "state_dict": model.state_dict(),
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def unwrap_model(model):
+    """The CSM inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while not isinstance(model, CSM):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a CSM model, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint file as a dict, safely (``weights_only=True``), with clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle needing arbitrary classes, not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first} (it may be truncated, not a PyTorch file, or need unsafe "
+            "unpickling, which is refused)"
+        ) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict of weights")
+    return data
+
+
+def extract_state_dict(data):
+    """The model weights of a loaded checkpoint dict in our key layout (wrappers and prefixes removed)."""
+    state = data
+    for key in WRAPPER_KEYS:
+        if isinstance(data.get(key), dict):
+            state = data[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("no state dict found: expected tensors, or a dict with one of " + ", ".join(WRAPPER_KEYS))
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        if key.startswith(ENTROPY_MODEL_KEYS):
+            key = "entropy_model." + key
+        out[key] = value
+    return out
+
+
+def infer_preset(state_dict):
+    """(preset, overrides) for a state dict saved without a config (released / TCM / CompressAI-style files)."""
+    try:
+        overrides = {
+            "N": state_dict["g_a.0.conv1.weight"].shape[0] // 2,
+            "M": state_dict["h_a.0.conv1.weight"].shape[1],
+            "Z": state_dict["entropy_bottleneck.quantiles"].shape[0],
+        }
+    except KeyError as exc:
+        raise CheckpointError(
+            f"cannot tell which model these weights belong to (no key {exc}); pass preset= to load_checkpoint"
+        ) from None
+    if any(".mambaVC_block." in k for k in state_dict):
+        return "csm-ref", overrides
+    if any(".trans_block." in k for k in state_dict):
+        return "tcm", overrides
+    if any(".acp." in k for k in state_dict):
+        return "csm", overrides
+    raise CheckpointError("cannot tell which model these weights belong to; pass preset= to load_checkpoint")
+
+
+def describe_mismatch(model, state_dict, limit=12):
+    """A readable list of missing, unexpected and wrongly shaped keys (empty string when they match)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    # CDF buffers are resized on load (their size depends on the trained distributions).
+    resizable = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if own[k].shape != state_dict[k].shape and not k.endswith(resizable)
+    )
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            shown = "\n    ".join(items[:limit])
+            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"  {len(items)} {title} key(s):\n    {shown}{more}")
+    return "\n".join(lines)
+
+
+def load_state_dict_checked(model, state_dict, source="checkpoint"):
+    """``model.load_state_dict(strict=True)`` with a readable diff instead of PyTorch's wall of keys."""
+    diff = describe_mismatch(model, state_dict)
+    if diff:
+        name = model.preset or "model"
+        raise CheckpointError(f"{source} does not match {name!r} ({model.config.N=}, {model.config.M=}):\n{diff}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def model_from_checkpoint(data, preset=None, scan_backend="auto", source="checkpoint", **overrides):
+    """Rebuild the model a loaded checkpoint dict describes and load its weights."""
+    state_dict = extract_state_dict(data)
+    if data.get("format") == FORMAT and preset is None:
+        try:
+            config = CSMConfig.from_dict({**data["config"], **overrides})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: invalid model config ({exc})") from exc
+        model = CSM(config, preset=data.get("preset"), scan_backend=scan_backend)
+    else:
+        if preset is None:
+            preset, inferred = infer_preset(state_dict)
+            overrides = {**inferred, **overrides}
+        model = CSM(preset_config(preset, **overrides), preset=preset, scan_backend=scan_backend)
+    return load_state_dict_checked(model, state_dict, source)
+
+
+def load_checkpoint(path, map_location="cpu", preset=None, scan_backend="auto", **overrides):
+    """Rebuild and load the model stored in ``path`` (no flags needed for our own checkpoints).
+
+    Returns the model in eval mode; ``model.checkpoint_info`` holds the preset, lambda and training metadata
+    (epoch, step) of the file when present. ``preset``/``overrides`` are only needed for files without a config.
+    """
+    data = read_checkpoint(path, map_location)
+    model = model_from_checkpoint(data, preset, scan_backend, source=f"checkpoint {path}", **overrides)
+    model.checkpoint_info = {
+        "path": str(path),
+        "preset": model.preset,
+        "lambda": data.get("lambda"),
+        **{k: data[k] for k in ("epoch", "step") if k in data},
+    }
+    return model.to(map_location).eval()

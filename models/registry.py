@@ -1,0 +1,56 @@
+"""Presets as data: each name maps to ``CSMConfig`` overrides; ``build_model(name, **overrides)`` builds one."""
+
+from dataclasses import fields
+
+from .config import CSMConfig
+from .csm import CSM
+
+# The paper's figure: SRBs everywhere, adaptive ACP, SSM context blocks.
+_CSM = {}
+# A small configuration for CPU training and tests (same layout, narrower everywhere).
+_SMALL = {"N": 32, "M": 160, "Z": 96, "context_dim": 64, "cc_hidden": (96, 64)}
+
+PRESETS = {
+    "csm": _CSM,
+    # The authors' released code (class TCM in their repository): see the spec's "Released-code layout".
+    "csm-ref": {
+        "transform_block": "released",
+        "hyper_block": "tcm",
+        "context": "swin",
+        "head_dims": (16, 16, 16, 16, 16, 16),
+    },
+    # The TCM baseline (Liu et al. 2023): CNN || Swin blocks everywhere, Swin context blocks.
+    "tcm": {"transform_block": "tcm", "hyper_block": "tcm", "context": "swin"},
+    # Ablations of the paper's model.
+    "csm-acp-static": {"acp": "static"},
+    "csm-acp-none": {"acp": "none"},
+    "csm-cnn-only": {"ssm_branch": False},
+    "csm-scan1": {"scan_directions": 1},
+    "csm-scan2": {"scan_directions": 2},
+    "csm-swin-context": {"context": "swin"},
+    "csm-fusion-residual": {"fusion": "residual"},
+    # Small configurations for CPU work.
+    "csm-small": _SMALL,
+    "tcm-small": {**_SMALL, "transform_block": "tcm", "hyper_block": "tcm", "context": "swin"},
+}
+
+
+def list_models():
+    """Names of the registered presets."""
+    return sorted(PRESETS)
+
+
+def preset_config(name, **overrides):
+    """The ``CSMConfig`` of preset ``name`` with ``overrides`` applied (clear errors for unknown names/keys)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    known = {f.name for f in fields(CSMConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for model {name!r}; valid keys: {sorted(known)}")
+    return CSMConfig(**{**PRESETS[name], **overrides})
+
+
+def build_model(name="csm", scan_backend="auto", **overrides):
+    """Build preset ``name`` with config ``overrides`` (e.g. ``build_model("csm", N=64, acp="static")``)."""
+    return CSM(preset_config(name, **overrides), preset=name, scan_backend=scan_backend)
