@@ -1,0 +1,25 @@
+"""Shared test fixtures' data: where the read-only shared data lives, and tiny model configurations."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tiny widths so that every preset builds and codes an image in well under a second on 2 cores.
+TINY = {"N": 8, "M": 40, "Z": 16, "context_dim": 16, "cc_hidden": (16, 16), "num_slices": 2}
+TINY_SWIN = {**TINY, "head_dims": (4,) * 6, "hyper_head_dim": 4, "context_head_dim": 4}
+
+
+def tiny_overrides(preset):
+    """Overrides that make ``preset`` tiny (Swin-based presets need head dims that fit 8 channels)."""
+    return TINY_SWIN if preset in ("csm-ref", "tcm", "tcm-small", "csm-swin-context") else TINY
+
+
+def shared_data(*parts):
+    """Path under ../shared/data, or skip the test when the shared data is not there."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
