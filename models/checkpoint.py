@@ -39,20 +39,24 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 
-def save_checkpoint(path, model, lmbda=None, **extra):
+def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
     """Write ``model`` (config, preset, lambda, state dict) and ``extra`` plain entries to ``path`` atomically.
 
     The file is written to a temporary file in the same folder and renamed, so an interrupted save never leaves a
-    truncated checkpoint behind.
+    truncated checkpoint behind. ``weights_dtype=torch.float16`` stores floating-point weights in half precision
+    (half the size, for distribution); loading casts them back to the model's dtype.
     """
     model = unwrap_model(model)
+    state_dict = model.state_dict()
+    if weights_dtype is not None:
+        state_dict = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "preset": model.preset,
         "config": model.config.to_dict(),
         "lambda": None if lmbda is None else float(lmbda),
-        "state_dict": model.state_dict(),
+        "state_dict": state_dict,
         **extra,
     }
     path = Path(path)

@@ -219,3 +219,14 @@ def test_every_preset_builds():
     for name in PRESETS:
         model = build_model(name, **tiny_overrides(name))
         assert model.preset == name
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    model = tiny("csm").eval()
+    path = save_checkpoint(tmp_path / "half.pth.tar", model, weights_dtype=torch.float16)
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert stored["g_a.0.conv1.weight"].dtype == torch.float16
+    loaded = load_checkpoint(path)
+    weight = loaded.g_a[0].conv1.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, model.g_a[0].conv1.weight.half().float())
