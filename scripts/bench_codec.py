@@ -1,0 +1,100 @@
+"""Compress / decompress time of one image for CSM and TCM at the same N/M, as JSON (CPU by default).
+
+    python scripts/bench_codec.py --image ../shared/data/kodak/kodim01.png              # N=128, M=320 and small
+    python scripts/bench_codec.py --image IMG --configs 128:320 --models csm tcm --repeats 3
+
+Untrained weights: the time of an entropy coder depends only weakly on the weights (symbol counts are fixed by the
+image size), so this measures the architecture. Times are seconds, medians over ``--repeats`` after one warm-up.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from layers.scan import resolve_backend  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.image import load_image, pad_center  # noqa: E402
+from utils.metrics import bpp_from_strings  # noqa: E402
+
+DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak" / "kodim01.png"
+SMALL = {"N": 32, "M": 128}  # the csm-small / tcm-small widths
+
+
+def time_codec(model, x, repeats):
+    """Median compress and decompress seconds (after a warm-up) and the real bpp."""
+    model.eval().update(force=True)
+    with torch.no_grad():
+        enc = model.compress(x)
+        model.decompress(enc["strings"], enc["shape"])
+        enc_times, dec_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            enc = model.compress(x)
+            enc_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            dec = model.decompress(enc["strings"], enc["shape"])
+            dec_times.append(time.perf_counter() - start)
+    return {
+        "compress_s": round(statistics.median(enc_times), 3),
+        "decompress_s": round(statistics.median(dec_times), 3),
+        "bpp_real": round(bpp_from_strings(enc["strings"], x.shape[-2] * x.shape[-1]), 4),
+        "exact": bool(torch.equal(enc["y_hat"], dec["y_hat"])),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="image to code (default: Kodak kodim01)")
+    parser.add_argument("--models", nargs="+", default=["csm", "tcm"], help="presets to compare (first / second)")
+    parser.add_argument(
+        "--configs", nargs="+", default=["128:320", "small"], help="N:M pairs, or 'small' for the small presets"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--scan-backend", default="auto", help="selective-scan backend")
+    parser.add_argument("-o", "--output", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if not args.image.is_file():
+        parser.error(f"image {args.image} not found; pass --image")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x, _ = pad_center(load_image(args.image), 64)
+    report = {
+        "image": str(args.image),
+        "padded_size": list(x.shape[-2:]),
+        "threads": args.threads,
+        "scan_backend": resolve_backend("cpu", args.scan_backend),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "configs": [],
+    }
+    for spec in args.configs:
+        overrides = dict(SMALL) if spec == "small" else dict(zip(("N", "M"), map(int, spec.split(":"))))
+        entry = {"N": overrides["N"], "M": overrides["M"], "models": {}}
+        for name in args.models:
+            preset = f"{name}-small" if spec == "small" else name
+            model = build_model(preset, scan_backend=args.scan_backend, **({} if spec == "small" else overrides))
+            entry["models"][preset] = time_codec(model, x, args.repeats)
+            print(f"{preset} N={entry['N']}: {entry['models'][preset]}", file=sys.stderr)
+        first, second = (entry["models"][k] for k in list(entry["models"])[:2])
+        entry["ratio_first_over_second"] = {
+            "compress": round(first["compress_s"] / second["compress_s"], 3),
+            "decompress": round(first["decompress_s"] / second["decompress_s"], 3),
+        }
+        report["configs"].append(entry)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
