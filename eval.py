@@ -1,0 +1,188 @@
+"""Evaluate CSM checkpoints on a folder of images: real bitstreams, PSNR/MS-SSIM, times, memory, round-trip check.
+
+    python eval.py --checkpoint CKPT [CKPT ...] --data DATA [--cuda] [-o results.json]
+
+Every checkpoint is one RD point; the model is rebuilt from the config stored in the file. By default each image
+is entropy coded and decoded: bpp counts the real bytes, PSNR/MS-SSIM use the decoded image, encode and decode
+times are measured separately (seconds, after one untimed warm-up image), and the decoded latents are checked
+against the encoder's. --estimate-only skips coding and reports the likelihood estimate as bpp. The results JSON
+follows CompressAI's schema (python -m compressai.utils.plot, scripts/plot_rd.py and utils.rd.load_rd read it);
+utils/evaluation.py holds the measuring and says every convention.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from layers.scan import BACKENDS, resolve_backend  # noqa: E402
+from layers.ss2d import SS2D  # noqa: E402
+from models import PAD_MULTIPLE, CheckpointError, load_checkpoint  # noqa: E402
+from utils.evaluation import (  # noqa: E402
+    EvaluationError,
+    PeakMemory,
+    check_images,
+    code_version,
+    device_description,
+    evaluate_model,
+    find_images,
+    format_per_image,
+    format_table,
+    recon_folders,
+    results_document,
+    software_versions,
+    summarize,
+    warn,
+    write_json,
+)
+
+
+def pad_multiple(text: str) -> int:
+    """argparse type: a positive multiple of the model's stride (64; 128 is what TCM-family scripts used)."""
+    value = int(text)
+    if value < PAD_MULTIPLE or value % PAD_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"--pad must be a positive multiple of {PAD_MULTIPLE}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="one or more checkpoint files, one RD point each (the model is rebuilt from each)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of images (PNG, JPEG, BMP, TIFF, WebP; grayscale/alpha/16-bit become 8-bit RGB)")
+    parser.add_argument("--cuda", action="store_true", help="run on the GPU (error if CUDA is unavailable)")
+    parser.add_argument("--pad", type=pad_multiple, default=PAD_MULTIPLE,
+                        help="centred zero padding to a multiple of this, cropped back (default: %(default)s; "
+                             "128 to compare with TCM-family scripts)")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="skip entropy coding: bpp estimated from the likelihoods, no times, no round-trip check")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="results JSON (default: results/eval/<name>-<data folder>[-est].json)")
+    parser.add_argument("--name", help="curve name in the JSON and in plots (default: the checkpoints' preset)")
+    parser.add_argument("--per-image", action="store_true",
+                        help="also print a table per image (the JSON always holds the per-image records)")
+    parser.add_argument("--save-recon", type=Path, metavar="DIR",
+                        help="write reconstructions as 8-bit PNG to DIR/<checkpoint name>/<image>.png")
+    parser.add_argument("--scan-backend", choices=BACKENDS, default="auto",
+                        help="selective-scan backend (default: %(default)s, the fastest available)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images (sorted by name)")
+    return parser.parse_args(argv)
+
+
+def scan_backend_in_use(model, device: torch.device) -> str:
+    """The concrete selective-scan backend the model ran with, or a note that it has no SS2D."""
+    if not any(isinstance(m, SS2D) for m in model.modules()):
+        return "none (model has no SS2D)"
+    return resolve_backend(device, model.scan_backend)
+
+
+def evaluate_checkpoint(path: Path, images: list[Path], device: torch.device, args, recon_dir) -> dict:
+    """One RD point {"checkpoint", "summary", "records"}; raises CheckpointError or EvaluationError."""
+    model = load_checkpoint(path, map_location=device, scan_backend=args.scan_backend)
+    model.update(force=True)
+    records = evaluate_model(model, images, device, args.pad, args.estimate_only, recon_dir, label=path.name)
+    info = {**model.checkpoint_info, "path": str(path.resolve()), "config": model.config.to_dict(),
+            "scan_backend": scan_backend_in_use(model, device)}
+    return {"checkpoint": info, "summary": summarize(records), "records": records}
+
+
+def make_folders(folders) -> None:
+    """Create output folders before the (long) evaluation, so that a bad path fails at once."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f"error: cannot create folder {folder}: {err}") from None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --cuda given but CUDA is not available (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if args.cuda else "cpu")
+    if args.cuda:
+        # The decoder must recompute the encoder's entropy parameters bit for bit: no autotuned kernel choice.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    try:
+        paths, others = find_images(args.data, args.limit)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if others:
+        warn(f"skipping {len(others)} file(s) that are not images (by extension) in {args.data}: "
+             + ", ".join(others))
+    images, skipped, conversions = check_images(paths)
+    if not images:
+        raise SystemExit(f"error: none of the {len(paths)} image file(s) in {args.data} could be read")
+
+    folders = recon_folders(args.checkpoint, args.save_recon) if args.save_recon else [None] * len(args.checkpoint)
+    make_folders([f for f in folders if f is not None] + ([args.output.parent] if args.output else []))
+    points, failed = [], []
+    for path, recon_dir in zip(args.checkpoint, folders):
+        try:
+            points.append(evaluate_checkpoint(path, images, device, args, recon_dir))
+        except CheckpointError as err:
+            warn(f"skipping checkpoint: {err}")
+            failed.append({"path": str(path), "error": str(err)})
+        except EvaluationError as err:
+            warn(f"skipping checkpoint {path}: failed on image {err}")
+            failed.append({"path": str(path), "error": f"failed on image {err}"})
+    if not points:
+        raise SystemExit(f"error: none of the {len(args.checkpoint)} checkpoint(s) could be evaluated")
+
+    presets = dict.fromkeys(p["checkpoint"]["preset"] or "csm" for p in points)
+    name = args.name or "+".join(presets)
+    rate = "rates estimated from likelihoods (no entropy coding)" if args.estimate_only else "entropy-coded"
+    description = (f"{name} on {args.data.resolve().name} ({len(images)} images), {rate}, centred zero padding "
+                   f"to a multiple of {args.pad}, {device_description(device)}")
+    meta = {
+        "dataset": str(args.data.resolve()), "num_images": len(images), "images": [p.name for p in images],
+        "skipped_images": skipped + [{"path": str(args.data / o), "reason": "not an image"} for o in others],
+        "conversions": conversions, "pad_multiple": args.pad, "device": device_description(device),
+        "torch_threads": torch.get_num_threads(), "scan_backend_requested": args.scan_backend,
+        "peak_memory": PeakMemory(device).description, "software": software_versions(),
+        "code_version": code_version(REPO), "failed_checkpoints": failed,
+        "command": shlex.join(["eval.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    document = results_document(points, name, description, args.estimate_only, meta)
+    output = args.output or Path("results") / "eval" / (
+        f"{name}-{args.data.resolve().name}{'-est' if args.estimate_only else ''}.json")
+    if args.per_image:
+        print(format_per_image(document) + "\n")
+    print(format_table(document))
+    try:
+        write_json(output, document)
+    except OSError as err:
+        raise SystemExit(f"error: cannot write {output}: {err}") from None
+    failures = sum(document["results"].get("round_trip_failures", []))
+    if failures:
+        warn(f"{failures} ROUND-TRIP MISMATCH(ES): decoded latents differ from the encoder's (see above)")
+    if failed:
+        warn(f"{len(failed)} of {len(args.checkpoint)} checkpoint(s) could not be evaluated: "
+             + ", ".join(f["path"] for f in failed))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None
