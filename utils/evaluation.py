@@ -426,7 +426,8 @@ def device_description(device: torch.device) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} torch threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({cpu}, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def code_version(repo: Path) -> str | None:
