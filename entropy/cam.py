@@ -49,6 +49,10 @@ class ChannelAutoregressiveEntropyModel(nn.Module):
         context_dim: channels inside the context blocks.
         hidden: widths of the two hidden layers of the mean, scale and LRP transforms.
 
+    ``param_grid`` (attribute, default None): when set to a power of two, ``slice_params`` rounds mu and scale and
+    ``lrp`` its correction to multiples of it, so that tiny floating-point differences between two runs disappear
+    (the codec's deterministic mode, see ``models.csm.CSM``).
+
     Shapes: ``y``, ``latent_means``, ``latent_scales`` are (B, M, H, W).
     """
 
@@ -86,6 +90,7 @@ class ChannelAutoregressiveEntropyModel(nn.Module):
         )
         # No scale table yet: CompressionModel.update() fills it (and the CDFs) from get_scale_table().
         self.gaussian_conditional = GaussianConditional(None)
+        self.param_grid = None
 
     def support_channels(self, i):
         """Channels of slice ``i``'s support: ``latent_means`` plus the previous slices it sees."""
@@ -101,7 +106,8 @@ class ChannelAutoregressiveEntropyModel(nn.Module):
         previous = y_hat_slices[: min(i, self.max_support_slices)]
         mean_support = self.atten_mean[i](torch.cat([latent_means, *previous], dim=1))
         scale_support = self.atten_scale[i](torch.cat([latent_scales, *previous], dim=1))
-        return self.cc_mean_transforms[i](mean_support), self.cc_scale_transforms[i](scale_support), mean_support
+        mu = self._snap(self.cc_mean_transforms[i](mean_support))
+        return mu, self._snap(self.cc_scale_transforms[i](scale_support)), mean_support
 
     def lrp(self, i, mean_support, y_hat_slice):
         """Latent residual prediction of slice ``i``: ``y_hat_slice + 0.5 * tanh(lrp_transforms[i](cat(...)))``.
@@ -110,7 +116,13 @@ class ChannelAutoregressiveEntropyModel(nn.Module):
         H, W), the dequantized slice. Returns the corrected slice, same shape.
         """
         residual = self.lrp_transforms[i](torch.cat([mean_support, y_hat_slice], dim=1))
-        return y_hat_slice + 0.5 * torch.tanh(residual)
+        return y_hat_slice + self._snap(0.5 * torch.tanh(residual))
+
+    def _snap(self, t):
+        """``t`` rounded to multiples of ``param_grid`` (exact for a power of two); ``t`` itself when it is None."""
+        if self.param_grid is None:
+            return t
+        return torch.round(t / self.param_grid) * self.param_grid
 
     def forward(self, y, latent_means, latent_scales):
         """Training / evaluation pass.

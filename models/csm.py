@@ -9,6 +9,8 @@ blocks (the baseline) or the released code's hybrid blocks, so that one class ru
 of the ``nn.Sequential`` transforms match the released checkpoints' keys.
 """
 
+import copy
+
 import torch
 import torch.nn as nn
 from compressai.entropy_models import EntropyBottleneck
@@ -24,6 +26,9 @@ from layers.swin import ConvTransBlock, SwinPair
 from .config import CSMConfig
 
 PAD_MULTIPLE = 64  # g_a downsamples by 16 and h_a by 4 more
+# Deterministic coding: mu, scale and the LRP correction are rounded to multiples of this (a power of two, so the
+# rounding and y_hat = symbols + mu + correction are exact).
+DETERMINISTIC_GRID = 2.0**-8
 
 
 class ModelNotUpdatedError(RuntimeError):
@@ -41,6 +46,13 @@ class CSM(CompressionModel):
     ``{"x_hat": (B, 3, H, W), "likelihoods": {"y": (B, M, H/16, W/16), "z": (B, Z, H/64, W/64)}}``.
     ``compress(x)`` -> ``{"strings": [y_strings, z_strings], "shape": (H/64, W/64), "y_hat": ...}``, one string per
     image in each list. ``decompress(strings, shape)`` -> ``{"x_hat": ..., "y_hat": ...}``.
+
+    ``deterministic`` (default False) makes compress/decompress derive the entropy parameters (h_mean_s, h_scale_s
+    and the entropy model's slice parameters and LRP) from float64 CPU copies of those modules, with the float64
+    reference scan, and round mu, scale and the LRP correction to a ``DETERMINISTIC_GRID`` grid: float32 results
+    change with the thread count, the scan backend and the device, enough to flip a quantisation or scale-table
+    index, while float64 differences (~1e-15) would have to straddle a grid point to matter. A decoder must use the
+    mode of its encoder.
     """
 
     def __init__(self, config=None, preset=None, scan_backend="auto"):
@@ -50,6 +62,7 @@ class CSM(CompressionModel):
         self.preset = preset
         wide = 2 * cfg.N
         self._scan_backend = scan_backend
+        self.deterministic = False
 
         self.g_a = nn.Sequential(
             ResidualBlockWithStride(3, wide, stride=2),
@@ -195,6 +208,20 @@ class CSM(CompressionModel):
     def _hyper_params(self, z_hat):
         return self.h_mean_s(z_hat), self.h_scale_s(z_hat)
 
+    def _coding_path(self):
+        """``(h_mean_s, h_scale_s, entropy_model, cast)`` for compress/decompress: the model's own modules and the
+        identity, or, in deterministic mode, float64 CPU copies (reference scan, parameter grid) and a cast of the
+        inputs to float64 on the CPU. Copied per call, so they always hold the current weights."""
+        modules = (self.h_mean_s, self.h_scale_s, self.entropy_model)
+        if not self.deterministic:
+            return (*modules, lambda t: t)
+        copies = copy.deepcopy(nn.ModuleList(modules)).to("cpu", torch.float64)
+        for module in copies.modules():
+            if isinstance(module, SS2D):
+                module.scan_backend = "ref"  # the other backends compute in float32
+        copies[2].param_grid = DETERMINISTIC_GRID
+        return (*copies, lambda t: t.to("cpu", torch.float64))
+
     def forward(self, x):
         self._check_input(x)
         y = self.g_a(x)
@@ -215,9 +242,11 @@ class CSM(CompressionModel):
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        latent_means, latent_scales = self._hyper_params(z_hat)
-        y_strings, y_hat = self.entropy_model.compress(y, latent_means, latent_scales)
-        return {"strings": [y_strings, z_strings], "shape": tuple(z.shape[-2:]), "y_hat": y_hat}
+        h_mean_s, h_scale_s, entropy_model, cast = self._coding_path()
+        z_hat = cast(z_hat)
+        y_strings, y_hat = entropy_model.compress(cast(y), h_mean_s(z_hat), h_scale_s(z_hat))
+        # Exact in deterministic mode: y_hat is integers plus multiples of the grid.
+        return {"strings": [y_strings, z_strings], "shape": tuple(z.shape[-2:]), "y_hat": y_hat.to(y)}
 
     @torch.no_grad()
     def decompress(self, strings, shape):
@@ -225,7 +254,9 @@ class CSM(CompressionModel):
         if len(strings) != 2 or len(strings[0]) != len(strings[1]):
             raise ValueError("strings must be [y_strings, z_strings] with one string per image in each")
         z_hat = self.entropy_bottleneck.decompress(strings[1], tuple(shape))
-        latent_means, latent_scales = self._hyper_params(z_hat)
-        y_hat = self.entropy_model.decompress(strings[0], latent_means, latent_scales)
+        h_mean_s, h_scale_s, entropy_model, cast = self._coding_path()
+        device, dtype = z_hat.device, z_hat.dtype
+        z_hat = cast(z_hat)
+        y_hat = entropy_model.decompress(strings[0], h_mean_s(z_hat), h_scale_s(z_hat)).to(device, dtype)
         x_hat = self.g_s(y_hat).clamp_(0, 1)
         return {"x_hat": x_hat, "y_hat": y_hat}
