@@ -1,0 +1,538 @@
+// Selective scan on the CPU: a compiled loop for forward and backward.
+//
+// Channels are processed SIMD_W at a time as one vector ("lanes"); a block of SIMD_W channels of one scan
+// direction (one B/C group) of one image is the unit of work. Time runs in chunks of CHUNK steps: a chunk's u and
+// delta are transposed into time-major local buffers ([t] -> one vector of lanes), while B and C are read in
+// place (row n of a group is contiguous in time and shared by all its lanes). The forward saves the state at the
+// start of every chunk; the backward recomputes a chunk's states from that checkpoint.
+//
+// Every output element of the forward is computed by the same sequence of operations whatever the number of
+// threads (a block is never split), so decoding is bit-identical across thread counts.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define CSM_AVX512 1  // the exp and the transposes have AVX-512 paths; everything else is generic vector code
+#else
+#define CSM_AVX512 0
+#endif
+
+namespace {
+
+constexpr int SIMD_W = 16;  // channels per vector: one AVX-512 register, two AVX2 ones
+constexpr int CHUNK = 64;   // time steps per chunk and checkpoint interval
+// Vector state updates (time steps x states of one block) that make a task worth handing to another thread: a
+// parallel region costs microseconds, much more on a busy machine, and small scans are common (tests, tiny models).
+constexpr int64_t PARALLEL_MIN_WORK = 1 << 14;
+
+// at::parallel_for grain: how many tasks of `work_per_task` updates each thread takes at least.
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, PARALLEL_MIN_WORK / std::max<int64_t>(1, work_per_task));
+}
+
+// GCC/Clang vector types: arithmetic is elementwise, a scalar operand is broadcast.
+typedef float Vec __attribute__((vector_size(SIMD_W * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(SIMD_W * sizeof(int32_t))));
+typedef double VecD __attribute__((vector_size(SIMD_W * sizeof(double))));
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
+inline Vec vmin(Vec a, Vec b) { return a < b ? a : b; }
+
+// 2^f for f in [-1/2, 1/2]: minimax polynomial for the relative error (2e-7 in float32) with p(0) = 1 and
+// p'(0) = ln 2 (to 3e-7): a decay close to 1 then has a relative error proportional to -log(decay), so the error
+// does not build up over the thousands of steps that a slow decay spans.
+inline Vec exp2_poly(Vec f) {
+  Vec p = f * 1.326472690e-3f + 9.671512661e-3f;
+  p = p * f + 5.550733744e-2f;
+  p = p * f + 2.402224208e-1f;
+  p = p * f + 6.931469776e-1f;
+  return p * f + 1.f;
+}
+
+// 2^y, branch-free and inlined (the decays exp(dt * A) dominate the scan's cost): y = k + f with k an integer and
+// |f| <= 1/2, 2^f by a polynomial, times 2^k.
+inline Vec exp2v(Vec y) {
+#if CSM_AVX512
+  static_assert(SIMD_W == 16, "the AVX-512 path holds one vector in one register");
+  // vreduceps gives f = y - round(y) in one instruction and vscalefps multiplies by 2^k with correct overflow to
+  // inf and underflow to 0, so no clamping is needed.
+  const __m512 yv = (__m512)y;
+  const __m512 f = _mm512_reduce_ps(yv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (Vec)_mm512_scalef_ps((__m512)exp2_poly((Vec)f), _mm512_sub_ps(yv, f));
+#else
+  // y is clamped to [-127, 127] so that the biased exponent k + 127 is in [0, 254]; it is 0 (the result is then
+  // exactly 0) below about -126.5, where float's normal range ends. k comes from an integer conversion so that
+  // -ffast-math cannot reassociate f = y - k into a form that loses y's low bits.
+  y = vmin(vmax(y, Vec{} - 127.f), Vec{} + 127.f);
+  const VecI biased = __builtin_convertvector(y + 127.5f, VecI);  // y + 127.5 > 0: truncation is floor
+  const Vec f = y - __builtin_convertvector(biased - 127, Vec);
+  return exp2_poly(f) * (Vec)(biased << 23);
+#endif
+}
+
+inline Vec expv(Vec x) { return exp2v(x * LOG2E); }
+
+// log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|), with log1p(e) = 2 atanh(e / (2 + e)) by its series
+// (s = e / (2 + e) <= 1/3; 7 terms give a relative error below 2e-8, also for e -> 0).
+inline Vec softplus(Vec x) {
+  const Vec ax = vmax(x, -x);
+  const Vec e = expv(-ax);
+  const Vec s = e / (2.f + e);
+  const Vec s2 = s * s;
+  Vec p = s2 * (1.f / 13) + 1.f / 11;
+  p = p * s2 + 1.f / 9;
+  p = p * s2 + 1.f / 7;
+  p = p * s2 + 1.f / 5;
+  p = p * s2 + 1.f / 3;
+  p = p * s2 + 1.f;
+  return vmax(x, Vec{}) + 2.f * s * p;
+}
+
+// d softplus(x) / dx
+inline Vec sigmoid(Vec x) { return 1.f / (1.f + expv(-x)); }
+
+// Denormals are flushed to zero while a kernel runs: a state that decays for many steps would otherwise crawl
+// through the subnormal range, which is many times slower on x86. (-ffast-math does not set this for a shared
+// library.) Every thread sets the same mode, so results stay independent of the thread count.
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// The outputs are written for the first time by the kernel: with transparent huge pages in their default
+// "madvise" mode, ask for them, since faulting in a 64 MB output 4 KB at a time costs about a third of the
+// forward's time. Only the 2 MB-aligned interior can use huge pages.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE_PAGE = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(HUGE_PAGE - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors are fine
+#endif
+}
+
+struct Dims {
+  int64_t batch, channels, length, groups, per_group, n_state, blocks, n_chunks;
+};
+
+Dims dims_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B) {
+  Dims d;
+  d.batch = u.size(0);
+  d.channels = u.size(1);
+  d.length = u.size(2);
+  d.groups = B.size(1);
+  d.per_group = d.channels / d.groups;
+  d.n_state = A.size(1);
+  d.blocks = (d.per_group + SIMD_W - 1) / SIMD_W;  // blocks per group
+  d.n_chunks = (d.length + CHUNK - 1) / CHUNK;
+  return d;
+}
+
+// One block of lanes: image b, group g, channels [ch0, ch0 + width).
+struct Block {
+  int64_t b, g, ch0;
+  int width;
+  Block(const Dims& d, int64_t b_, int64_t g_, int64_t blk)
+      : b(b_), g(g_), ch0(g_ * d.per_group + blk * SIMD_W),
+        width(static_cast<int>(std::min<int64_t>(SIMD_W, d.per_group - blk * SIMD_W))) {}
+};
+
+#if CSM_AVX512
+// Masks of the butterfly stages of a 16 x 16 transpose (see transpose16).
+struct ButterflyMasks {
+  alignas(64) int32_t lo[4][16];
+  alignas(64) int32_t hi[4][16];
+};
+constexpr ButterflyMasks make_butterfly_masks() {
+  ButterflyMasks m{};
+  for (int s = 0; s < 4; ++s) {
+    const int w = 8 >> s;
+    for (int j = 0; j < 16; ++j) {
+      m.lo[s][j] = (j & w) ? 16 + j - w : j;
+      m.hi[s][j] = (j & w) ? 16 + j : j + w;
+    }
+  }
+  return m;
+}
+constexpr ButterflyMasks BUTTERFLY = make_butterfly_masks();
+
+// r[i][j] -> r[j][i] in registers: stage w exchanges element (i, j | w) with (i | w, j) for all i, j with bit w
+// clear, two two-source permutes per pair of rows; after the stages for w = 8, 4, 2, 1 every bit of i and j has
+// been swapped.
+inline void transpose16(__m512 r[16]) {
+  for (int s = 0; s < 4; ++s) {
+    const int w = 8 >> s;
+    const __m512i lo = _mm512_load_si512(BUTTERFLY.lo[s]), hi = _mm512_load_si512(BUTTERFLY.hi[s]);
+    for (int i = 0; i < 16; ++i) {
+      if (i & w) continue;
+      const __m512 a = r[i], b = r[i | w];
+      r[i] = _mm512_permutex2var_ps(a, lo, b);
+      r[i | w] = _mm512_permutex2var_ps(a, hi, b);
+    }
+  }
+}
+
+inline __mmask16 first_lanes(int count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
+#endif
+
+// dst[t][j] = src[j * row_stride + t] for t < steps, j < width; lanes >= width get 0 (so their dt * u is 0).
+void load_lanes(Vec* dst, const float* src, int64_t row_stride, int width, int steps) {
+#if CSM_AVX512
+  // 16 x 16 tiles: the scalar loop below costs as much as the scan itself
+  for (int t = 0; t < steps; t += 16) {
+    const __mmask16 cols = first_lanes(steps - t);  // masked loads do not touch memory past the row's end
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j)
+      r[j] = j < width ? _mm512_maskz_loadu_ps(cols, src + j * row_stride + t) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int i = 0; i < 16 && t + i < steps; ++i) dst[t + i] = (Vec)r[i];
+  }
+#else
+  if (width < SIMD_W) std::fill(dst, dst + steps, Vec{});
+  for (int j = 0; j < width; ++j)
+    for (int t = 0; t < steps; ++t) dst[t][j] = src[j * row_stride + t];
+#endif
+}
+
+// dst[j * row_stride + t] = src[t][j] for t < steps, j < width.
+void store_lanes(float* dst, const Vec* src, int64_t row_stride, int width, int steps) {
+#if CSM_AVX512
+  for (int t = 0; t < steps; t += 16) {
+    const __mmask16 cols = first_lanes(steps - t);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = t + i < steps ? (__m512)src[t + i] : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < width; ++j) _mm512_mask_storeu_ps(dst + j * row_stride + t, cols, r[j]);
+  }
+#else
+  for (int j = 0; j < width; ++j)
+    for (int t = 0; t < steps; ++t) dst[j * row_stride + t] = src[t][j];
+#endif
+}
+
+// Request the cache lines of rows[r * row_stride + t], r < n_rows, t < steps (into L2: the rows of a block are
+// often a power of two apart and would evict each other from L1). The scan reads many rows a short stretch at a
+// time (u, delta, y and the gradients by SIMD_W rows, B and C by N), more streams than the hardware prefetcher
+// follows, so the rows of the next chunk are requested while the current one is computed.
+void prefetch_rows(const float* rows, int64_t row_stride, int64_t n_rows, int steps, bool for_write) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const char* begin = reinterpret_cast<const char*>(rows + r * row_stride);
+    const char* end = reinterpret_cast<const char*>(rows + r * row_stride + steps);
+    for (const char* p = begin - (reinterpret_cast<uintptr_t>(begin) & 63); p < end; p += 64) {
+      if (for_write)
+        __builtin_prefetch(p, 1, 1);
+      else
+        __builtin_prefetch(p, 0, 1);
+    }
+  }
+}
+
+// A value per lane and state for a block: out[n][j] = scale * A[ch0 + j, n]; 0 in unused lanes.
+std::vector<Vec> load_A(const float* A, int64_t n_state, int width, float scale) {
+  std::vector<Vec> out(n_state, Vec{});
+  for (int j = 0; j < width; ++j)
+    for (int64_t n = 0; n < n_state; ++n) out[n][j] = scale * A[j * n_state + n];
+  return out;
+}
+
+// Per-parameter lane values (D, delta_bias); 0 when absent or in unused lanes.
+Vec load_param(const float* p, int width) {
+  Vec out{};
+  for (int j = 0; p && j < width; ++j) out[j] = p[j];
+  return out;
+}
+
+// Inputs of one chunk of one block, time-major.
+struct ChunkInputs {
+  std::vector<Vec> u, x, dt, dtu;  // x = delta + delta_bias; dt = softplus(x) or x
+  ChunkInputs() : u(CHUNK), x(CHUNK), dt(CHUNK), dtu(CHUNK) {}
+
+  void load(const float* u_rows, const float* delta_rows, Vec bias, bool use_softplus, int64_t length, int width,
+            int steps) {
+    load_lanes(u.data(), u_rows, length, width, steps);
+    load_lanes(x.data(), delta_rows, length, width, steps);
+    for (int t = 0; t < steps; ++t) {
+      x[t] += bias;
+      dt[t] = use_softplus ? softplus(x[t]) : x[t];
+      dtu[t] = dt[t] * u[t];
+    }
+  }
+};
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                  const c10::optional<at::Tensor>& bias) {
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
+    TORCH_CHECK(t->device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "selective_scan_cpu: tensors must be float32");
+    TORCH_CHECK(t->is_contiguous(), "selective_scan_cpu: tensors must be contiguous");
+  }
+  for (const auto* t : {&D, &bias}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->numel() == u.size(1),
+                  "selective_scan_cpu: D and delta_bias must be contiguous float32 of size K*D");
+    }
+  }
+}
+
+// Returns y (batch, K*D, L) and the chunk checkpoints (batch, K, blocks, n_chunks, N, SIMD_W): the state entering
+// each chunk, in the backward's lane layout.
+std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                const c10::optional<at::Tensor>& bias, bool use_softplus) {
+  check_inputs(u, delta, A, B, C, D, bias);
+  const Dims d = dims_of(u, A, B);
+  const int64_t N = d.n_state, L = d.length;
+  auto y = at::empty_like(u);
+  auto checkpoints = at::empty({d.batch, d.groups, d.blocks, d.n_chunks, N, SIMD_W}, u.options());
+  for (const at::Tensor* t : {&y, &checkpoints}) advise_huge_pages(*t);
+  const float *up = u.data_ptr<float>(), *dp = delta.data_ptr<float>(), *Ap = A.data_ptr<float>();
+  const float *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>();
+  const float* Dp = D.has_value() ? D->data_ptr<float>() : nullptr;
+  const float* biasp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  Vec* hp = reinterpret_cast<Vec*>(checkpoints.data_ptr<float>());
+
+  at::parallel_for(0, d.batch * d.groups * d.blocks, grain_for(L * N), [&](int64_t begin, int64_t end) {
+    FlushDenormals flush;
+    ChunkInputs in;
+    std::vector<Vec> h(N), ybuf(CHUNK);
+    for (int64_t task = begin; task < end; ++task) {
+      const Block blk(d, task / (d.groups * d.blocks), (task / d.blocks) % d.groups, task % d.blocks);
+      const std::vector<Vec> a2 = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
+      const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
+      const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
+      const float* Bg = Bp + (blk.b * d.groups + blk.g) * N * L;
+      const float* Cg = Cp + (blk.b * d.groups + blk.g) * N * L;
+      const int64_t row0 = (blk.b * d.channels + blk.ch0) * L;
+      Vec* ckpt = hp + task * d.n_chunks * N;
+      std::fill(h.begin(), h.end(), Vec{});
+      for (int64_t chunk = 0; chunk < d.n_chunks; ++chunk) {
+        const int64_t t0 = chunk * CHUNK;
+        const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+        std::copy(h.begin(), h.end(), ckpt + chunk * N);
+        if (chunk + 1 < d.n_chunks) {
+          const int next = static_cast<int>(std::min<int64_t>(CHUNK, L - t0 - CHUNK));
+          for (const float* rows : {up + row0, dp + row0}) prefetch_rows(rows + t0 + CHUNK, L, blk.width, next, false);
+          for (const float* rows : {Bg, Cg}) prefetch_rows(rows + t0 + CHUNK, L, N, next, false);
+          prefetch_rows(yp + row0 + t0 + CHUNK, L, blk.width, next, true);
+        }
+        in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
+        for (int t = 0; t < steps; ++t) ybuf[t] = d_lane * in.u[t];
+        // State-major: one state row stays in a register while time runs; y is revisited once per state.
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec an = a2[n];
+          const float* Bn = Bg + n * L + t0;
+          const float* Cn = Cg + n * L + t0;
+          Vec hv = h[n];
+          for (int t = 0; t < steps; ++t) {
+            hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
+            ybuf[t] += hv * Cn[t];
+          }
+          h[n] = hv;
+        }
+        store_lanes(yp + row0 + t0, ybuf.data(), L, blk.width, steps);
+      }
+    }
+  });
+  return {y, checkpoints};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                 const c10::optional<at::Tensor>& bias, bool use_softplus,
+                                 const at::Tensor& checkpoints, const at::Tensor& gy_in) {
+  check_inputs(u, delta, A, B, C, D, bias);
+  const at::Tensor gy = gy_in.contiguous().to(at::kFloat);
+  const Dims d = dims_of(u, A, B);
+  const int64_t N = d.n_state, L = d.length;
+  // A task is one part of the blocks of one group of one image. It walks time backwards chunk by chunk and, inside
+  // a chunk, over its blocks, so dL/dB and dL/dC of the chunk add up over the blocks lane-wise in a local buffer
+  // and are reduced over lanes once per chunk. Groups are split into parts only to give every thread work; each
+  // part has its own dL/dB, dL/dC output (summed at the end), so no two threads write the same element.
+  const int64_t groups_total = std::max<int64_t>(1, d.batch * d.groups);
+  const int64_t parts_wanted = (at::get_num_threads() + groups_total - 1) / groups_total;
+  const int64_t per_part = std::max<int64_t>(1, (d.blocks + parts_wanted - 1) / parts_wanted);
+  const int64_t parts = std::max<int64_t>(1, (d.blocks + per_part - 1) / per_part);
+  auto gu = at::empty_like(u);
+  auto gdelta = at::empty_like(delta);
+  auto gB_parts = at::empty({parts, d.batch, d.groups, N, L}, u.options());
+  auto gC_parts = at::empty({parts, d.batch, d.groups, N, L}, u.options());
+  for (const at::Tensor* t : {&gu, &gdelta, &gB_parts, &gC_parts}) advise_huge_pages(*t);
+  auto opts64 = u.options().dtype(at::kDouble);
+  auto gA_batch = at::empty({d.batch, d.channels, N}, opts64);  // per image, summed over images at the end
+  auto gD_batch = at::empty({d.batch, d.channels}, opts64);
+  auto gbias_batch = at::empty({d.batch, d.channels}, opts64);
+
+  const float *up = u.data_ptr<float>(), *dp = delta.data_ptr<float>(), *Ap = A.data_ptr<float>();
+  const float *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>(), *gyp = gy.data_ptr<float>();
+  const float* Dp = D.has_value() ? D->data_ptr<float>() : nullptr;
+  const float* biasp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const Vec* hp = reinterpret_cast<const Vec*>(checkpoints.data_ptr<float>());
+  float *gup = gu.data_ptr<float>(), *gdp = gdelta.data_ptr<float>();
+  float *gBp = gB_parts.data_ptr<float>(), *gCp = gC_parts.data_ptr<float>();
+  double *gAp = gA_batch.data_ptr<double>(), *gDp = gD_batch.data_ptr<double>();
+  double* gbiasp = gbias_batch.data_ptr<double>();
+
+  at::parallel_for(0, d.batch * d.groups * parts, grain_for(per_part * L * N), [&](int64_t begin, int64_t end) {
+    FlushDenormals flush;
+    ChunkInputs in;
+    std::vector<Vec> gy_t(CHUNK), gdA(CHUNK), ghB(CHUNK), gout(CHUNK);
+    std::vector<Vec> hs(N * (CHUNK + 1)), decay(N * CHUNK), gB_acc(N * CHUNK), gC_acc(N * CHUNK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (d.groups * parts), g = (task / parts) % d.groups, part = task % parts;
+      const int64_t blk0 = part * per_part, n_blk = std::min(d.blocks, blk0 + per_part) - blk0;
+      const float* Bg = Bp + (b * d.groups + g) * N * L;
+      const float* Cg = Cp + (b * d.groups + g) * N * L;
+      float* gBg = gBp + ((part * d.batch + b) * d.groups + g) * N * L;
+      float* gCg = gCp + ((part * d.batch + b) * d.groups + g) * N * L;
+      // Per block of the part: the carry a_{t+1} dL/dh_{t+1} entering the chunk from the one after, and the
+      // parameter gradients, accumulated in double over the whole sequence.
+      std::vector<Vec> carry(n_blk * N, Vec{});
+      std::vector<VecD> gA_acc(n_blk * N, VecD{}), gD_acc(n_blk, VecD{}), gbias_acc(n_blk, VecD{});
+      std::vector<Vec> a, a2;  // A and A log2(e) of every block of the part
+      for (int64_t i = 0; i < n_blk; ++i) {
+        const Block blk(d, b, g, blk0 + i);
+        const std::vector<Vec> a_i = load_A(Ap + blk.ch0 * N, N, blk.width, 1.f);
+        const std::vector<Vec> a2_i = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);
+        a.insert(a.end(), a_i.begin(), a_i.end());
+        a2.insert(a2.end(), a2_i.begin(), a2_i.end());
+      }
+      for (int64_t chunk = d.n_chunks - 1; chunk >= 0; --chunk) {
+        const int64_t t0 = chunk * CHUNK;
+        const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+        std::fill(gB_acc.begin(), gB_acc.end(), Vec{});
+        std::fill(gC_acc.begin(), gC_acc.end(), Vec{});
+        for (int64_t i = 0; i < n_blk; ++i) {
+          const Block blk(d, b, g, blk0 + i);
+          const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
+          const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
+          const int64_t row0 = (blk.b * d.channels + blk.ch0) * L;
+          in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
+          load_lanes(gy_t.data(), gyp + row0 + t0, L, blk.width, steps);
+          {  // the rows of the next block, or of the first block of the previous chunk
+            const bool same_chunk = i + 1 < n_blk;
+            if (same_chunk || chunk > 0) {
+              const Block next(d, b, g, blk0 + (same_chunk ? i + 1 : 0));
+              const int64_t nt0 = same_chunk ? t0 : t0 - CHUNK;
+              const int nsteps = same_chunk ? steps : CHUNK;
+              const int64_t nrow0 = (b * d.channels + next.ch0) * L + nt0;
+              for (const float* rows : {up + nrow0, dp + nrow0, gyp + nrow0})
+                prefetch_rows(rows, L, next.width, nsteps, false);
+              for (const float* rows : {gup + nrow0, gdp + nrow0}) prefetch_rows(rows, L, next.width, nsteps, true);
+              if (!same_chunk)
+                for (const float* rows : {Bg + nt0, Cg + nt0}) prefetch_rows(rows, L, N, nsteps, false);
+            }
+          }
+          const Vec* h0 = hp + (((b * d.groups + g) * d.blocks + blk0 + i) * d.n_chunks + chunk) * N;
+
+          // Recompute the chunk's decays and states from its checkpoint (the forward's arithmetic); hs[n][t + 1]
+          // is h_t and hs[n][0] the state entering the chunk. dL/dC needs only the states: add it here.
+          for (int64_t n = 0; n < N; ++n) {
+            const Vec an = a2[i * N + n];
+            const float* Bn = Bg + n * L + t0;
+            Vec* hs_n = &hs[n * (CHUNK + 1)];
+            Vec* dec_n = &decay[n * CHUNK];
+            Vec* gc_n = &gC_acc[n * CHUNK];
+            Vec hv = h0[n];
+            hs_n[0] = hv;
+            for (int t = 0; t < steps; ++t) {
+              const Vec dec = exp2v(in.dt[t] * an);
+              hv = dec * hv + in.dtu[t] * Bn[t];
+              dec_n[t] = dec;
+              hs_n[t + 1] = hv;
+              gc_n[t] += gy_t[t] * hv;
+            }
+          }
+          // Reverse pass, state-major: the carry of one state row stays in a register while time runs backwards.
+          // With gh = dL/dh_t: dL/d(dt A) = gh a_t h_{t-1}, dL/dB = gh dt u, and dt gets A dL/d(dt A) + u sum_n gh B.
+          std::fill(gdA.begin(), gdA.begin() + steps, Vec{});
+          std::fill(ghB.begin(), ghB.begin() + steps, Vec{});
+          for (int64_t n = 0; n < N; ++n) {
+            const Vec an = a[i * N + n];
+            const float* Bn = Bg + n * L + t0;
+            const float* Cn = Cg + n * L + t0;
+            const Vec* hs_n = &hs[n * (CHUNK + 1)];
+            const Vec* dec_n = &decay[n * CHUNK];
+            Vec* gb_n = &gB_acc[n * CHUNK];
+            Vec cv = carry[i * N + n], gav{};
+            for (int t = steps - 1; t >= 0; --t) {
+              const Vec gh = cv + gy_t[t] * Cn[t];
+              cv = dec_n[t] * gh;  // a_t dL/dh_t: the carry into step t - 1
+              const Vec glog = cv * hs_n[t];
+              gdA[t] += glog * an;
+              ghB[t] += gh * Bn[t];
+              gav += glog * in.dt[t];
+              gb_n[t] += gh * in.dtu[t];
+            }
+            carry[i * N + n] = cv;
+            gA_acc[i * N + n] += __builtin_convertvector(gav, VecD);
+          }
+          // Per-step gradients: u and dt, then delta through the softplus; D and delta_bias sum them over time.
+          for (int t = 0; t < steps; ++t) gout[t] = ghB[t] * in.dt[t] + d_lane * gy_t[t];
+          store_lanes(gup + row0 + t0, gout.data(), L, blk.width, steps);
+          for (int t = 0; t < steps; ++t) {
+            Vec gdt = gdA[t] + ghB[t] * in.u[t];
+            if (use_softplus) gdt *= sigmoid(in.x[t]);
+            gout[t] = gdt;
+            gD_acc[i] += __builtin_convertvector(gy_t[t], VecD) * __builtin_convertvector(in.u[t], VecD);
+            gbias_acc[i] += __builtin_convertvector(gdt, VecD);
+          }
+          store_lanes(gdp + row0 + t0, gout.data(), L, blk.width, steps);
+        }
+        // dL/dB and dL/dC of the chunk: sum the lanes once for all blocks of the part.
+        for (int64_t n = 0; n < N; ++n) {
+          for (int t = 0; t < steps; ++t) {
+            float sb = 0.f, sc = 0.f;
+            for (int j = 0; j < SIMD_W; ++j) {
+              sb += gB_acc[n * CHUNK + t][j];
+              sc += gC_acc[n * CHUNK + t][j];
+            }
+            gBg[n * L + t0 + t] = sb;
+            gCg[n * L + t0 + t] = sc;
+          }
+        }
+      }
+      for (int64_t i = 0; i < n_blk; ++i) {
+        const Block blk(d, b, g, blk0 + i);
+        for (int j = 0; j < blk.width; ++j) {
+          const int64_t ch = b * d.channels + blk.ch0 + j;
+          for (int64_t n = 0; n < N; ++n) gAp[ch * N + n] = gA_acc[i * N + n][j];
+          gDp[ch] = gD_acc[i][j];
+          gbiasp[ch] = gbias_acc[i][j];
+        }
+      }
+    }
+  });
+  auto gA = gA_batch.sum(0).to(at::kFloat);
+  auto gD = gD_batch.sum(0).to(at::kFloat);
+  auto gbias = gbias_batch.sum(0).to(at::kFloat);
+  auto gB = parts == 1 ? gB_parts[0] : gB_parts.sum(0);
+  auto gC = parts == 1 ? gC_parts[0] : gC_parts.sum(0);
+  return {gu, gdelta, gA, gB, gC, gD, gbias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "selective scan forward: (y, checkpoints)");
+  m.def("backward", &backward, "selective scan backward: (gu, gdelta, gA, gB, gC, gD, gdelta_bias)");
+  m.attr("chunk") = CHUNK;
+}
