@@ -49,7 +49,7 @@ class CSM(CompressionModel):
 
     ``deterministic`` (default False) makes compress/decompress derive the entropy parameters (h_mean_s, h_scale_s
     and the entropy model's slice parameters and LRP) from float64 CPU copies of those modules, with the float64
-    reference scan, and round mu, scale and the LRP correction to a ``DETERMINISTIC_GRID`` grid: float32 results
+    PyTorch scan, and round mu, scale and the LRP correction to a ``DETERMINISTIC_GRID`` grid: float32 results
     change with the thread count, the scan backend and the device, enough to flip a quantisation or scale-table
     index, while float64 differences (~1e-15) would have to straddle a grid point to matter. A decoder must use the
     mode of its encoder.
@@ -210,15 +210,15 @@ class CSM(CompressionModel):
 
     def _coding_path(self):
         """``(h_mean_s, h_scale_s, entropy_model, cast)`` for compress/decompress: the model's own modules and the
-        identity, or, in deterministic mode, float64 CPU copies (reference scan, parameter grid) and a cast of the
-        inputs to float64 on the CPU. Copied per call, so they always hold the current weights."""
+        identity, or, in deterministic mode, float64 CPU copies (float64 PyTorch scan, parameter grid) and a cast of
+        the inputs to float64 on the CPU. Copied per call, so they always hold the current weights."""
         modules = (self.h_mean_s, self.h_scale_s, self.entropy_model)
         if not self.deterministic:
             return (*modules, lambda t: t)
         copies = copy.deepcopy(nn.ModuleList(modules)).to("cpu", torch.float64)
         for module in copies.modules():
             if isinstance(module, SS2D):
-                module.scan_backend = "ref"  # the other backends compute in float32
+                module.scan_backend = "torch"  # the one fast backend that computes in float64
         copies[2].param_grid = DETERMINISTIC_GRID
         return (*copies, lambda t: t.to("cpu", torch.float64))
 

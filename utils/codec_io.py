@@ -31,7 +31,7 @@ CODING_MODES = {DETERMINISTIC_MODE: "float64 CPU entropy parameters on a 2**-8 g
 # Peak memory growth of one encode (compress + the check decode), measured as peak RSS over the RSS before it at
 # 256..1024 px with csm-small variants on one thread, with a margin of about 1.3. The transforms peak at about
 # 45 (compiled scan) or 170 (PyTorch scan) times their widest activation; the deterministic entropy path at about
-# 1.6 times the float64 reference scan's expanded B and C.
+# 1.6 times the expanded B and C of a float64 scan over the whole latent (the PyTorch scan it uses holds less).
 _ACTIVATION_FACTOR = {"cpu": 60, "cuda": 60, "torch": 220, "ref": 400}  # per scan backend
 _SCAN_FACTOR = 2
 _SYMBOL_BYTES = 64  # per y element: the rANS coder's Python lists of symbols and indexes

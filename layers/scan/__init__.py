@@ -117,7 +117,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tr
         delta_softplus: apply softplus to delta + delta_bias
         backend: "auto", "ref", "torch", "cpu" or "cuda" (see the module docstring)
     Returns:
-        y: (batch, K*D, L) float32 (float64 for ``ref``); autograd flows to every input.
+        y: (batch, K*D, L) float32 (float64 for ``ref``, and for ``torch`` given float64 u); autograd flows to
+        every input.
     """
     _check_shapes(u, delta, A, B, C, D, delta_bias)
     name = resolve_backend(u.device, backend)
@@ -127,6 +128,9 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tr
         log.info("selective scan: using the %r backend", name)
     if name == "ref":
         return fn(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    f32 = [None if t is None else t.float().contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
-    with torch.autocast(device_type=u.device.type, enabled=False):  # the scan always runs in float32
-        return fn(*f32, delta_softplus)
+    # float32 everywhere, except that the dtype-generic torch backend keeps float64 inputs in float64 (the codec's
+    # deterministic mode computes its entropy parameters that way).
+    dtype = torch.float64 if name == "torch" and u.dtype == torch.float64 else torch.float32
+    inputs = [None if t is None else t.to(dtype).contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
+    with torch.autocast(device_type=u.device.type, enabled=False):  # never in reduced precision
+        return fn(*inputs, delta_softplus)
