@@ -1,0 +1,105 @@
+"""The quick start: compress and decompress one image with the bundled CSM checkpoint, next to JPEG and WebP.
+
+    python demo.py                      # a sample photo that matplotlib ships (Grace Hopper, 512x600)
+    python demo.py --image photo.png [--checkpoint C] [--out-dir demo_out]
+
+The CSM file is a real ``.csm`` bitstream (``codec.py``'s format), decoded back from its bytes; JPEG and WebP are
+encoded by Pillow at the quality whose file size comes closest to the CSM file's, so the rows compare at about
+the same bpp.
+"""
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.cbook
+import torch
+from PIL import Image
+
+from codec import DEFAULT_CHECKPOINT
+from utils import bitstream, codec_io
+from utils.image import save_image, to_pil, to_tensor
+from utils.metrics import bpp_from_strings, psnr_8bit
+
+
+def sample_image():
+    """A photo shipped with matplotlib (a dependency), so the demo runs without any data."""
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def pillow_codec(img, fmt, quality):
+    """(bytes, decoded RGB tensor, encode s, decode s) of one Pillow encoding."""
+    start = time.perf_counter()
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=quality)
+    encode_s = time.perf_counter() - start
+    data = buf.getvalue()
+    start = time.perf_counter()
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")
+    decoded.load()
+    decode_s = time.perf_counter() - start
+    return data, to_tensor(decoded), encode_s, decode_s
+
+
+def closest_quality(img, fmt, target_bytes):
+    """The quality (1..100) whose file size is closest to ``target_bytes`` (sizes grow with quality)."""
+    low, high = 1, 100
+    while low < high:
+        mid = (low + high) // 2
+        if len(pillow_codec(img, fmt, mid)[0]) < target_bytes:
+            low = mid + 1
+        else:
+            high = mid
+    candidates = {q for q in (low - 1, low) if 1 <= q <= 100}
+    return min(candidates, key=lambda q: abs(len(pillow_codec(img, fmt, q)[0]) - target_bytes))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", type=Path, help="image to compress (default: a sample photo)")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="model checkpoint")
+    parser.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="where the outputs are written")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image = args.image or sample_image()
+    try:
+        model, _ = codec_io.load_model(args.checkpoint)
+        x = codec_io.read_image(image, model)[0]
+    except codec_io.USER_ERRORS as exc:
+        sys.exit(f"error: {exc}")
+    height, width = x.shape[-2:]
+    pixels = height * width
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    compressed, _ = codec_io.encode(model, x)
+    data = bitstream.pack(compressed)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    x_hat, _ = codec_io.decode(model, bitstream.unpack(data))
+    decode_s = time.perf_counter() - start
+    (args.out_dir / "image.csm").write_bytes(data)
+    save_image(x_hat, args.out_dir / "image_csm.png")
+
+    rows = [("CSM (" + (model.preset or "model") + ")", len(data), psnr_8bit(x, x_hat).item(), encode_s, decode_s)]
+    img = to_pil(x)
+    for fmt, ext in (("JPEG", "jpg"), ("WEBP", "webp")):
+        quality = closest_quality(img, fmt, len(data))
+        blob, decoded, enc_s, dec_s = pillow_codec(img, fmt, quality)
+        (args.out_dir / f"image.{ext}").write_bytes(blob)
+        rows.append((f"{fmt} q={quality} (Pillow)", len(blob), psnr_8bit(x, decoded).item(), enc_s, dec_s))
+
+    print(f"{image}: {width}x{height}, checkpoint {args.checkpoint}")
+    print(f"{'codec':<26}{'bytes':>9}{'bpp':>8}{'PSNR [dB]':>11}{'encode [s]':>12}{'decode [s]':>12}")
+    for name, size, quality_db, enc_s, dec_s in rows:
+        bpp = bpp_from_strings([b"\0" * size], pixels)
+        print(f"{name:<26}{size:>9}{bpp:>8.3f}{quality_db:>11.2f}{enc_s:>12.3f}{dec_s:>12.3f}")
+    print(f"outputs in {args.out_dir}/ (image.csm, image_csm.png, image.jpg, image.webp)")
+
+
+if __name__ == "__main__":
+    main()
