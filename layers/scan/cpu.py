@@ -18,7 +18,10 @@ import torch
 log = logging.getLogger("csm.scan")
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is inlined from ATen's headers and only runs in parallel when the extension itself is
+# compiled with OpenMP (torch ships the libgomp.so.1 that the extension then binds to).
+CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 BUILD_INFO = {}
 _module = None
 
@@ -49,7 +52,7 @@ def load_extension():
     key = hashlib.sha256(
         b"\0".join(
             s.encode()
-            for s in (SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, sys.version, _cpu_flags())
+            for s in (SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, sys.version, _cpu_flags())
         )
     ).hexdigest()[:16]
     name = f"csm_scan_cpu_{key}"
@@ -64,6 +67,7 @@ def load_extension():
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(build_dir),
             verbose=False,
         )

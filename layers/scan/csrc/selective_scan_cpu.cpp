@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -32,15 +33,11 @@
 namespace {
 
 constexpr int SIMD_W = 16;  // channels per vector: one AVX-512 register, two AVX2 ones
-constexpr int CHUNK = 64;   // time steps per chunk and checkpoint interval
-// Vector state updates (time steps x states of one block) that make a task worth handing to another thread: a
-// parallel region costs microseconds, much more on a busy machine, and small scans are common (tests, tiny models).
+constexpr int CHUNK = 64;   // time steps per chunk and checkpoint interval (a multiple of 16: see load_lanes)
+// Vector state updates (time steps x states x blocks) that are worth another thread: a parallel region costs
+// microseconds, much more on a busy machine, and small scans are common (tests, tiny models).
 constexpr int64_t PARALLEL_MIN_WORK = 1 << 14;
-
-// at::parallel_for grain: how many tasks of `work_per_task` updates each thread takes at least.
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, PARALLEL_MIN_WORK / std::max<int64_t>(1, work_per_task));
-}
+constexpr int64_t TASKS_PER_THREAD = 4;  // backward: split groups until there are this many tasks per thread
 
 // GCC/Clang vector types: arithmetic is elementwise, a scalar operand is broadcast.
 typedef float Vec __attribute__((vector_size(SIMD_W * sizeof(float))));
@@ -128,6 +125,22 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// Runs body(task, scratch) for every task in [0, n_tasks) on ATen's threads, each thread with its own scratch
+// (make_scratch()) and with denormals flushed. Tasks are handed out one at a time from a shared counter instead of
+// in fixed ranges: a thread whose core is shared with another process then simply takes fewer tasks instead of
+// holding up the others. Which thread runs a task does not change its result.
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t n_tasks, int64_t work, const MakeScratch& make_scratch, const Body& body) {
+  const int64_t workers =
+      std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_tasks, std::max<int64_t>(1, work / PARALLEL_MIN_WORK)});
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, workers), 1, [&](int64_t, int64_t) {
+    FlushDenormals flush;
+    auto scratch = make_scratch();
+    for (int64_t task = next++; task < n_tasks; task = next++) body(task, scratch);
+  });
+}
+
 struct Dims {
   int64_t batch, channels, length, groups, per_group, n_state, blocks, n_chunks;
 };
@@ -175,11 +188,13 @@ constexpr ButterflyMasks BUTTERFLY = make_butterfly_masks();
 
 // r[i][j] -> r[j][i] in registers: stage w exchanges element (i, j | w) with (i | w, j) for all i, j with bit w
 // clear, two two-source permutes per pair of rows; after the stages for w = 8, 4, 2, 1 every bit of i and j has
-// been swapped.
+// been swapped. (Fully unrolled, so that r stays in registers.)
 inline void transpose16(__m512 r[16]) {
+#pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) {
     const int w = 8 >> s;
     const __m512i lo = _mm512_load_si512(BUTTERFLY.lo[s]), hi = _mm512_load_si512(BUTTERFLY.hi[s]);
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
       if (i & w) continue;
       const __m512 a = r[i], b = r[i | w];
@@ -192,17 +207,19 @@ inline void transpose16(__m512 r[16]) {
 inline __mmask16 first_lanes(int count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
 #endif
 
-// dst[t][j] = src[j * row_stride + t] for t < steps, j < width; lanes >= width get 0 (so their dt * u is 0).
+// dst[t][j] = src[j * row_stride + t] for t < steps, j < width; lanes >= width get 0 (so their dt * u is 0). dst
+// has room for CHUNK steps (its entries past `steps` may be overwritten).
 void load_lanes(Vec* dst, const float* src, int64_t row_stride, int width, int steps) {
 #if CSM_AVX512
-  // 16 x 16 tiles: the scalar loop below costs as much as the scan itself
+  // 16 x 16 tiles; masked-off elements are not read at all, so rows past `width` and steps past `steps` are safe
   for (int t = 0; t < steps; t += 16) {
-    const __mmask16 cols = first_lanes(steps - t);  // masked loads do not touch memory past the row's end
+    const __mmask16 cols = first_lanes(steps - t);
     __m512 r[16];
-    for (int j = 0; j < 16; ++j)
-      r[j] = j < width ? _mm512_maskz_loadu_ps(cols, src + j * row_stride + t) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_maskz_loadu_ps(j < width ? cols : 0, src + j * row_stride + t);
     transpose16(r);
-    for (int i = 0; i < 16 && t + i < steps; ++i) dst[t + i] = (Vec)r[i];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) dst[t + i] = (Vec)r[i];
   }
 #else
   if (width < SIMD_W) std::fill(dst, dst + steps, Vec{});
@@ -211,15 +228,17 @@ void load_lanes(Vec* dst, const float* src, int64_t row_stride, int width, int s
 #endif
 }
 
-// dst[j * row_stride + t] = src[t][j] for t < steps, j < width.
+// dst[j * row_stride + t] = src[t][j] for t < steps, j < width. src has CHUNK entries.
 void store_lanes(float* dst, const Vec* src, int64_t row_stride, int width, int steps) {
 #if CSM_AVX512
   for (int t = 0; t < steps; t += 16) {
     const __mmask16 cols = first_lanes(steps - t);
     __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = t + i < steps ? (__m512)src[t + i] : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) r[i] = (__m512)src[t + i];
     transpose16(r);
-    for (int j = 0; j < width; ++j) _mm512_mask_storeu_ps(dst + j * row_stride + t, cols, r[j]);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + j * row_stride + t, j < width ? cols : 0, r[j]);
   }
 #else
   for (int j = 0; j < width; ++j)
@@ -227,22 +246,41 @@ void store_lanes(float* dst, const Vec* src, int64_t row_stride, int width, int 
 #endif
 }
 
-// Request the cache lines of rows[r * row_stride + t], r < n_rows, t < steps (into L2: the rows of a block are
-// often a power of two apart and would evict each other from L1). The scan reads many rows a short stretch at a
-// time (u, delta, y and the gradients by SIMD_W rows, B and C by N), more streams than the hardware prefetcher
-// follows, so the rows of the next chunk are requested while the current one is computed.
-void prefetch_rows(const float* rows, int64_t row_stride, int64_t n_rows, int steps, bool for_write) {
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const char* begin = reinterpret_cast<const char*>(rows + r * row_stride);
-    const char* end = reinterpret_cast<const char*>(rows + r * row_stride + steps);
-    for (const char* p = begin - (reinterpret_cast<uintptr_t>(begin) & 63); p < end; p += 64) {
-      if (for_write)
-        __builtin_prefetch(p, 1, 1);
-      else
-        __builtin_prefetch(p, 0, 1);
+// Requests for the cache lines of the rows of the next chunk, issued a share at a time while the current chunk is
+// computed. The scan reads many rows a short stretch at a time (u, delta, y and the gradients by SIMD_W rows, B and
+// C by N): more streams than the hardware prefetcher follows. Lines go to L2 (the rows of a block are often a power
+// of two apart and would evict each other from L1), and spreading them out keeps the miss queues from filling up.
+class RowPrefetcher {
+ public:
+  void clear() { rows_.clear(); }
+  // rows[r * row_stride + t] for r < n_rows, t < steps
+  void add(const float* rows, int64_t row_stride, int64_t n_rows, int steps, bool for_write) {
+    for (int64_t r = 0; r < n_rows; ++r) rows_.push_back({rows + r * row_stride, steps, for_write});
+  }
+  // the i-th of `shares` equal shares of the rows added
+  void issue(int64_t i, int64_t shares) const {
+    const size_t begin = rows_.size() * i / shares, end = rows_.size() * (i + 1) / shares;
+    for (size_t r = begin; r < end; ++r) {
+      const char* first = reinterpret_cast<const char*>(rows_[r].begin);
+      const char* last = reinterpret_cast<const char*>(rows_[r].begin + rows_[r].steps);
+      for (const char* p = first - (reinterpret_cast<uintptr_t>(first) & 63); p < last; p += 64) {
+        if (rows_[r].for_write)
+          __builtin_prefetch(p, 1, 1);
+        else
+          __builtin_prefetch(p, 0, 1);
+        asm volatile("" : : "r"(p));  // GCC deletes loops whose only effect is prefetching: give it one
+      }
     }
   }
-}
+
+ private:
+  struct Row {
+    const float* begin;
+    int steps;
+    bool for_write;
+  };
+  std::vector<Row> rows_;
+};
 
 // A value per lane and state for a block: out[n][j] = scale * A[ch0 + j, n]; 0 in unused lanes.
 std::vector<Vec> load_A(const float* A, int64_t n_state, int width, float scale) {
@@ -310,11 +348,16 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
   float* yp = y.data_ptr<float>();
   Vec* hp = reinterpret_cast<Vec*>(checkpoints.data_ptr<float>());
 
-  at::parallel_for(0, d.batch * d.groups * d.blocks, grain_for(L * N), [&](int64_t begin, int64_t end) {
-    FlushDenormals flush;
+  struct Scratch {
     ChunkInputs in;
-    std::vector<Vec> h(N), ybuf(CHUNK);
-    for (int64_t task = begin; task < end; ++task) {
+    std::vector<Vec> h, ybuf;
+    RowPrefetcher prefetch;
+  };
+  const int64_t n_tasks = d.batch * d.groups * d.blocks;  // one block each
+  run_tasks(n_tasks, n_tasks * L * N, [&] { return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), {}}; },
+            [&](int64_t task, Scratch& s) {
+      ChunkInputs& in = s.in;
+      std::vector<Vec>&h = s.h, &ybuf = s.ybuf;
       const Block blk(d, task / (d.groups * d.blocks), (task / d.blocks) % d.groups, task % d.blocks);
       const std::vector<Vec> a2 = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
       const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
@@ -328,11 +371,13 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
         const int64_t t0 = chunk * CHUNK;
         const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
         std::copy(h.begin(), h.end(), ckpt + chunk * N);
+        s.prefetch.clear();
         if (chunk + 1 < d.n_chunks) {
           const int next = static_cast<int>(std::min<int64_t>(CHUNK, L - t0 - CHUNK));
-          for (const float* rows : {up + row0, dp + row0}) prefetch_rows(rows + t0 + CHUNK, L, blk.width, next, false);
-          for (const float* rows : {Bg, Cg}) prefetch_rows(rows + t0 + CHUNK, L, N, next, false);
-          prefetch_rows(yp + row0 + t0 + CHUNK, L, blk.width, next, true);
+          for (const float* rows : {up + row0, dp + row0}) s.prefetch.add(rows + t0 + CHUNK, L, blk.width, next, false);
+          for (const float* rows : {Bg, Cg}) s.prefetch.add(rows + t0 + CHUNK, L, N, next, false);
+          s.prefetch.add(yp + row0 + t0 + CHUNK, L, blk.width, next, true);
+          s.prefetch.issue(0, 1);
         }
         in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
         for (int t = 0; t < steps; ++t) ybuf[t] = d_lane * in.u[t];
@@ -350,7 +395,6 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
         }
         store_lanes(yp + row0 + t0, ybuf.data(), L, blk.width, steps);
       }
-    }
   });
   return {y, checkpoints};
 }
@@ -368,7 +412,7 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   // and are reduced over lanes once per chunk. Groups are split into parts only to give every thread work; each
   // part has its own dL/dB, dL/dC output (summed at the end), so no two threads write the same element.
   const int64_t groups_total = std::max<int64_t>(1, d.batch * d.groups);
-  const int64_t parts_wanted = (at::get_num_threads() + groups_total - 1) / groups_total;
+  const int64_t parts_wanted = (TASKS_PER_THREAD * at::get_num_threads() + groups_total - 1) / groups_total;
   const int64_t per_part = std::max<int64_t>(1, (d.blocks + parts_wanted - 1) / parts_wanted);
   const int64_t parts = std::max<int64_t>(1, (d.blocks + per_part - 1) / per_part);
   auto gu = at::empty_like(u);
@@ -391,133 +435,149 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   double *gAp = gA_batch.data_ptr<double>(), *gDp = gD_batch.data_ptr<double>();
   double* gbiasp = gbias_batch.data_ptr<double>();
 
-  at::parallel_for(0, d.batch * d.groups * parts, grain_for(per_part * L * N), [&](int64_t begin, int64_t end) {
-    FlushDenormals flush;
+  struct Scratch {
     ChunkInputs in;
-    std::vector<Vec> gy_t(CHUNK), gdA(CHUNK), ghB(CHUNK), gout(CHUNK);
-    std::vector<Vec> hs(N * (CHUNK + 1)), decay(N * CHUNK), gB_acc(N * CHUNK), gC_acc(N * CHUNK);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (d.groups * parts), g = (task / parts) % d.groups, part = task % parts;
-      const int64_t blk0 = part * per_part, n_blk = std::min(d.blocks, blk0 + per_part) - blk0;
-      const float* Bg = Bp + (b * d.groups + g) * N * L;
-      const float* Cg = Cp + (b * d.groups + g) * N * L;
-      float* gBg = gBp + ((part * d.batch + b) * d.groups + g) * N * L;
-      float* gCg = gCp + ((part * d.batch + b) * d.groups + g) * N * L;
-      // Per block of the part: the carry a_{t+1} dL/dh_{t+1} entering the chunk from the one after, and the
-      // parameter gradients, accumulated in double over the whole sequence.
-      std::vector<Vec> carry(n_blk * N, Vec{});
-      std::vector<VecD> gA_acc(n_blk * N, VecD{}), gD_acc(n_blk, VecD{}), gbias_acc(n_blk, VecD{});
-      std::vector<Vec> a, a2;  // A and A log2(e) of every block of the part
-      for (int64_t i = 0; i < n_blk; ++i) {
-        const Block blk(d, b, g, blk0 + i);
-        const std::vector<Vec> a_i = load_A(Ap + blk.ch0 * N, N, blk.width, 1.f);
-        const std::vector<Vec> a2_i = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);
-        a.insert(a.end(), a_i.begin(), a_i.end());
-        a2.insert(a2.end(), a2_i.begin(), a2_i.end());
+    std::vector<Vec> gy_t, gdA, ghB, gout;  // [t]
+    std::vector<Vec> hs, decay;             // [n][t + 1]: h_t (h_{-1} at [n][0]); [n][t]: a_t
+    std::vector<Vec> gB_acc, gC_acc;        // [n][t], summed lane-wise over the blocks of a part
+    RowPrefetcher prefetch;
+  };
+  const auto make_scratch = [&] {
+    const std::vector<Vec> steps(CHUNK), states_steps(N * CHUNK);
+    return Scratch{{},           steps,        steps,        steps, steps, std::vector<Vec>(N * (CHUNK + 1)),
+                   states_steps, states_steps, states_steps, {}};
+  };
+  const int64_t n_tasks = d.batch * d.groups * parts;
+  run_tasks(n_tasks, d.batch * d.groups * d.blocks * L * N, make_scratch, [&](int64_t task, Scratch& s) {
+    const int64_t b = task / (d.groups * parts), g = (task / parts) % d.groups, part = task % parts;
+    const int64_t blk0 = part * per_part, n_blk = std::min(d.blocks, blk0 + per_part) - blk0;
+    const float* Bg = Bp + (b * d.groups + g) * N * L;
+    const float* Cg = Cp + (b * d.groups + g) * N * L;
+    float* gBg = gBp + ((part * d.batch + b) * d.groups + g) * N * L;
+    float* gCg = gCp + ((part * d.batch + b) * d.groups + g) * N * L;
+    // Per block of the part: A and A log2(e), the carry a_{t+1} dL/dh_{t+1} entering a chunk from the one after it,
+    // and the parameter gradients, accumulated in double over the whole sequence.
+    std::vector<Vec> a, a2;
+    for (int64_t i = 0; i < n_blk; ++i) {
+      const Block blk(d, b, g, blk0 + i);
+      for (float scale : {1.f, LOG2E}) {
+        const std::vector<Vec> rows = load_A(Ap + blk.ch0 * N, N, blk.width, scale);
+        (scale == 1.f ? a : a2).insert((scale == 1.f ? a : a2).end(), rows.begin(), rows.end());
       }
-      for (int64_t chunk = d.n_chunks - 1; chunk >= 0; --chunk) {
-        const int64_t t0 = chunk * CHUNK;
-        const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
-        std::fill(gB_acc.begin(), gB_acc.end(), Vec{});
-        std::fill(gC_acc.begin(), gC_acc.end(), Vec{});
-        for (int64_t i = 0; i < n_blk; ++i) {
-          const Block blk(d, b, g, blk0 + i);
-          const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
-          const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
-          const int64_t row0 = (blk.b * d.channels + blk.ch0) * L;
-          in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
-          load_lanes(gy_t.data(), gyp + row0 + t0, L, blk.width, steps);
-          {  // the rows of the next block, or of the first block of the previous chunk
-            const bool same_chunk = i + 1 < n_blk;
-            if (same_chunk || chunk > 0) {
-              const Block next(d, b, g, blk0 + (same_chunk ? i + 1 : 0));
-              const int64_t nt0 = same_chunk ? t0 : t0 - CHUNK;
-              const int nsteps = same_chunk ? steps : CHUNK;
-              const int64_t nrow0 = (b * d.channels + next.ch0) * L + nt0;
-              for (const float* rows : {up + nrow0, dp + nrow0, gyp + nrow0})
-                prefetch_rows(rows, L, next.width, nsteps, false);
-              for (const float* rows : {gup + nrow0, gdp + nrow0}) prefetch_rows(rows, L, next.width, nsteps, true);
-              if (!same_chunk)
-                for (const float* rows : {Bg + nt0, Cg + nt0}) prefetch_rows(rows, L, N, nsteps, false);
-            }
-          }
-          const Vec* h0 = hp + (((b * d.groups + g) * d.blocks + blk0 + i) * d.n_chunks + chunk) * N;
+    }
+    std::vector<Vec> carry(n_blk * N, Vec{});
+    std::vector<VecD> gA_acc(n_blk * N, VecD{}), gD_acc(n_blk, VecD{}), gbias_acc(n_blk, VecD{});
 
-          // Recompute the chunk's decays and states from its checkpoint (the forward's arithmetic); hs[n][t + 1]
-          // is h_t and hs[n][0] the state entering the chunk. dL/dC needs only the states: add it here.
-          for (int64_t n = 0; n < N; ++n) {
-            const Vec an = a2[i * N + n];
-            const float* Bn = Bg + n * L + t0;
-            Vec* hs_n = &hs[n * (CHUNK + 1)];
-            Vec* dec_n = &decay[n * CHUNK];
-            Vec* gc_n = &gC_acc[n * CHUNK];
-            Vec hv = h0[n];
-            hs_n[0] = hv;
-            for (int t = 0; t < steps; ++t) {
-              const Vec dec = exp2v(in.dt[t] * an);
-              hv = dec * hv + in.dtu[t] * Bn[t];
-              dec_n[t] = dec;
-              hs_n[t + 1] = hv;
-              gc_n[t] += gy_t[t] * hv;
-            }
-          }
-          // Reverse pass, state-major: the carry of one state row stays in a register while time runs backwards.
-          // With gh = dL/dh_t: dL/d(dt A) = gh a_t h_{t-1}, dL/dB = gh dt u, and dt gets A dL/d(dt A) + u sum_n gh B.
-          std::fill(gdA.begin(), gdA.begin() + steps, Vec{});
-          std::fill(ghB.begin(), ghB.begin() + steps, Vec{});
-          for (int64_t n = 0; n < N; ++n) {
-            const Vec an = a[i * N + n];
-            const float* Bn = Bg + n * L + t0;
-            const float* Cn = Cg + n * L + t0;
-            const Vec* hs_n = &hs[n * (CHUNK + 1)];
-            const Vec* dec_n = &decay[n * CHUNK];
-            Vec* gb_n = &gB_acc[n * CHUNK];
-            Vec cv = carry[i * N + n], gav{};
-            for (int t = steps - 1; t >= 0; --t) {
-              const Vec gh = cv + gy_t[t] * Cn[t];
-              cv = dec_n[t] * gh;  // a_t dL/dh_t: the carry into step t - 1
-              const Vec glog = cv * hs_n[t];
-              gdA[t] += glog * an;
-              ghB[t] += gh * Bn[t];
-              gav += glog * in.dt[t];
-              gb_n[t] += gh * in.dtu[t];
-            }
-            carry[i * N + n] = cv;
-            gA_acc[i * N + n] += __builtin_convertvector(gav, VecD);
-          }
-          // Per-step gradients: u and dt, then delta through the softplus; D and delta_bias sum them over time.
-          for (int t = 0; t < steps; ++t) gout[t] = ghB[t] * in.dt[t] + d_lane * gy_t[t];
-          store_lanes(gup + row0 + t0, gout.data(), L, blk.width, steps);
-          for (int t = 0; t < steps; ++t) {
-            Vec gdt = gdA[t] + ghB[t] * in.u[t];
-            if (use_softplus) gdt *= sigmoid(in.x[t]);
-            gout[t] = gdt;
-            gD_acc[i] += __builtin_convertvector(gy_t[t], VecD) * __builtin_convertvector(in.u[t], VecD);
-            gbias_acc[i] += __builtin_convertvector(gdt, VecD);
-          }
-          store_lanes(gdp + row0 + t0, gout.data(), L, blk.width, steps);
-        }
-        // dL/dB and dL/dC of the chunk: sum the lanes once for all blocks of the part.
-        for (int64_t n = 0; n < N; ++n) {
-          for (int t = 0; t < steps; ++t) {
-            float sb = 0.f, sc = 0.f;
-            for (int j = 0; j < SIMD_W; ++j) {
-              sb += gB_acc[n * CHUNK + t][j];
-              sc += gC_acc[n * CHUNK + t][j];
-            }
-            gBg[n * L + t0 + t] = sb;
-            gCg[n * L + t0 + t] = sc;
-          }
-        }
-      }
+    for (int64_t chunk = d.n_chunks - 1; chunk >= 0; --chunk) {
+      const int64_t t0 = chunk * CHUNK;
+      const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+      std::fill(s.gB_acc.begin(), s.gB_acc.end(), Vec{});
+      std::fill(s.gC_acc.begin(), s.gC_acc.end(), Vec{});
       for (int64_t i = 0; i < n_blk; ++i) {
         const Block blk(d, b, g, blk0 + i);
-        for (int j = 0; j < blk.width; ++j) {
-          const int64_t ch = b * d.channels + blk.ch0 + j;
-          for (int64_t n = 0; n < N; ++n) gAp[ch * N + n] = gA_acc[i * N + n][j];
-          gDp[ch] = gD_acc[i][j];
-          gbiasp[ch] = gbias_acc[i][j];
+        const int64_t row0 = (b * d.channels + blk.ch0) * L;
+        ChunkInputs& in = s.in;
+        in.load(up + row0 + t0, dp + row0 + t0, load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width),
+                use_softplus, L, blk.width, steps);
+        load_lanes(s.gy_t.data(), gyp + row0 + t0, L, blk.width, steps);
+        const Vec* gy_t = s.gy_t.data();
+        const Vec* h0 = hp + (((b * d.groups + g) * d.blocks + blk0 + i) * d.n_chunks + chunk) * N;
+
+        // the rows of the next block, or of the first block of the previous chunk
+        s.prefetch.clear();
+        if (i + 1 < n_blk || chunk > 0) {
+          const bool same_chunk = i + 1 < n_blk;
+          const Block next(d, b, g, blk0 + (same_chunk ? i + 1 : 0));
+          const int64_t next_t0 = same_chunk ? t0 : t0 - CHUNK;
+          const int next_steps = same_chunk ? steps : CHUNK;
+          const int64_t next_row0 = (b * d.channels + next.ch0) * L + next_t0;
+          for (const float* rows : {up + next_row0, dp + next_row0, gyp + next_row0})
+            s.prefetch.add(rows, L, next.width, next_steps, false);
+          for (const float* rows : {gup + next_row0, gdp + next_row0})
+            s.prefetch.add(rows, L, next.width, next_steps, true);
+          if (!same_chunk)
+            for (const float* rows : {Bg + next_t0, Cg + next_t0}) s.prefetch.add(rows, L, N, next_steps, false);
         }
+
+        // Recompute the chunk's decays and states from its checkpoint (the forward's arithmetic); dL/dC needs only
+        // the states, so it is added here.
+        s.prefetch.issue(0, 1);
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec a2n = a2[i * N + n];
+          const float* Bn = Bg + n * L + t0;
+          Vec* hs = &s.hs[n * (CHUNK + 1)];
+          Vec* dec = &s.decay[n * CHUNK];
+          Vec* gc_n = &s.gC_acc[n * CHUNK];
+          Vec hv = h0[n];
+          hs[0] = hv;
+          for (int t = 0; t < steps; ++t) {
+            dec[t] = exp2v(in.dt[t] * a2n);
+            hv = dec[t] * hv + in.dtu[t] * Bn[t];
+            hs[t + 1] = hv;
+            gc_n[t] += gy_t[t] * hv;
+          }
+        }
+        // Reverse pass, state-major: the carry of one state row stays in a register while time runs backwards; rows
+        // only meet in the per-step sums over n (gdA, ghB). With gh = dL/dh_t: dL/d(dt A) = gh a_t h_{t-1},
+        // dL/dB = gh dt u, and dt gets A dL/d(dt A) + u sum_n gh B.
+        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data();
+        std::fill(gdA, gdA + steps, Vec{});
+        std::fill(ghB, ghB + steps, Vec{});
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec an = a[i * N + n];
+          const float* Bn = Bg + n * L + t0;
+          const float* Cn = Cg + n * L + t0;
+          const Vec* hs = &s.hs[n * (CHUNK + 1)];
+          const Vec* dec = &s.decay[n * CHUNK];
+          Vec* gb_n = &s.gB_acc[n * CHUNK];
+          Vec cv = carry[i * N + n], gav{};
+          for (int t = steps - 1; t >= 0; --t) {
+            const Vec gh = cv + gy_t[t] * Cn[t];
+            cv = dec[t] * gh;  // a_t dL/dh_t: the carry into step t - 1
+            const Vec glog = cv * hs[t];
+            gdA[t] += glog * an;
+            ghB[t] += gh * Bn[t];
+            gav += glog * in.dt[t];
+            gb_n[t] += gh * in.dtu[t];
+          }
+          carry[i * N + n] = cv;
+          gA_acc[i * N + n] += __builtin_convertvector(gav, VecD);
+        }
+
+        // Per-step gradients: u and dt, then delta through the softplus; D and delta_bias sum them over time.
+        const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
+        Vec* gout = s.gout.data();
+        for (int t = 0; t < steps; ++t) gout[t] = ghB[t] * in.dt[t] + d_lane * gy_t[t];
+        store_lanes(gup + row0 + t0, gout, L, blk.width, steps);
+        for (int t = 0; t < steps; ++t) {
+          Vec gdt = gdA[t] + ghB[t] * in.u[t];
+          if (use_softplus) gdt *= sigmoid(in.x[t]);
+          gout[t] = gdt;
+          gD_acc[i] += __builtin_convertvector(gy_t[t], VecD) * __builtin_convertvector(in.u[t], VecD);
+          gbias_acc[i] += __builtin_convertvector(gdt, VecD);
+        }
+        store_lanes(gdp + row0 + t0, gout, L, blk.width, steps);
+      }
+      // dL/dB and dL/dC of the chunk: sum the lanes once for all blocks of the part.
+      for (int64_t n = 0; n < N; ++n) {
+        for (int t = 0; t < steps; ++t) {
+          float sb = 0.f, sc = 0.f;
+          for (int j = 0; j < SIMD_W; ++j) {
+            sb += s.gB_acc[n * CHUNK + t][j];
+            sc += s.gC_acc[n * CHUNK + t][j];
+          }
+          gBg[n * L + t0 + t] = sb;
+          gCg[n * L + t0 + t] = sc;
+        }
+      }
+    }
+    for (int64_t i = 0; i < n_blk; ++i) {
+      const Block blk(d, b, g, blk0 + i);
+      for (int j = 0; j < blk.width; ++j) {
+        const int64_t ch = b * d.channels + blk.ch0 + j;
+        for (int64_t n = 0; n < N; ++n) gAp[ch * N + n] = gA_acc[i * N + n][j];
+        gDp[ch] = gD_acc[i][j];
+        gbiasp[ch] = gbias_acc[i][j];
       }
     }
   });
