@@ -18,10 +18,11 @@ import torch
 log = logging.getLogger("csm.scan")
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-# -fopenmp: at::parallel_for is inlined from ATen's headers and only runs in parallel when the extension itself is
-# compiled with OpenMP (torch ships the libgomp.so.1 that the extension then binds to).
-CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# at::parallel_for is inlined from ATen's headers and only runs in parallel when the extension itself is compiled
+# with OpenMP; on Linux the extension then binds to the libgomp.so.1 that torch ships (elsewhere it runs serially).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CFLAGS = ["-O3", "-ffast-math", "-march=native", *OPENMP]
+LDFLAGS = OPENMP
 BUILD_INFO = {}
 _module = None
 

@@ -131,8 +131,8 @@ void advise_huge_pages(const at::Tensor& t) {
 // holding up the others. Which thread runs a task does not change its result.
 template <typename MakeScratch, typename Body>
 void run_tasks(int64_t n_tasks, int64_t work, const MakeScratch& make_scratch, const Body& body) {
-  const int64_t workers =
-      std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_tasks, std::max<int64_t>(1, work / PARALLEL_MIN_WORK)});
+  const int64_t workers = std::min<int64_t>(
+      {static_cast<int64_t>(at::get_num_threads()), n_tasks, std::max<int64_t>(1, work / PARALLEL_MIN_WORK)});
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::max<int64_t>(1, workers), 1, [&](int64_t, int64_t) {
     FlushDenormals flush;
@@ -246,10 +246,10 @@ void store_lanes(float* dst, const Vec* src, int64_t row_stride, int width, int 
 #endif
 }
 
-// Requests for the cache lines of the rows of the next chunk, issued a share at a time while the current chunk is
-// computed. The scan reads many rows a short stretch at a time (u, delta, y and the gradients by SIMD_W rows, B and
-// C by N): more streams than the hardware prefetcher follows. Lines go to L2 (the rows of a block are often a power
-// of two apart and would evict each other from L1), and spreading them out keeps the miss queues from filling up.
+// Requests for the cache lines of the rows that the next chunk (or block) will read or write, issued in shares
+// while the current one is computed. The scan touches many rows a short stretch at a time (u, delta, y and the
+// gradients by SIMD_W rows, B and C by N): more streams than the hardware prefetcher follows. Lines are asked into
+// L2, since the rows of a block are often a power of two apart and would evict each other from L1.
 class RowPrefetcher {
  public:
   void clear() { rows_.clear(); }
@@ -261,14 +261,14 @@ class RowPrefetcher {
   void issue(int64_t i, int64_t shares) const {
     const size_t begin = rows_.size() * i / shares, end = rows_.size() * (i + 1) / shares;
     for (size_t r = begin; r < end; ++r) {
-      const char* first = reinterpret_cast<const char*>(rows_[r].begin);
-      const char* last = reinterpret_cast<const char*>(rows_[r].begin + rows_[r].steps);
-      for (const char* p = first - (reinterpret_cast<uintptr_t>(first) & 63); p < last; p += 64) {
+      const uintptr_t last = reinterpret_cast<uintptr_t>(rows_[r].begin + rows_[r].steps);
+      for (uintptr_t line = reinterpret_cast<uintptr_t>(rows_[r].begin) & ~uintptr_t(63); line < last; line += 64) {
+        const void* p = reinterpret_cast<const void*>(line);
         if (rows_[r].for_write)
           __builtin_prefetch(p, 1, 1);
         else
           __builtin_prefetch(p, 0, 1);
-        asm volatile("" : : "r"(p));  // GCC deletes loops whose only effect is prefetching: give it one
+        asm volatile("" : : "r"(p));  // GCC deletes loops whose only effect is prefetching: give this one another
       }
     }
   }
@@ -354,47 +354,49 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
     RowPrefetcher prefetch;
   };
   const int64_t n_tasks = d.batch * d.groups * d.blocks;  // one block each
-  run_tasks(n_tasks, n_tasks * L * N, [&] { return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), {}}; },
-            [&](int64_t task, Scratch& s) {
-      ChunkInputs& in = s.in;
-      std::vector<Vec>&h = s.h, &ybuf = s.ybuf;
-      const Block blk(d, task / (d.groups * d.blocks), (task / d.blocks) % d.groups, task % d.blocks);
-      const std::vector<Vec> a2 = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
-      const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
-      const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
-      const float* Bg = Bp + (blk.b * d.groups + blk.g) * N * L;
-      const float* Cg = Cp + (blk.b * d.groups + blk.g) * N * L;
-      const int64_t row0 = (blk.b * d.channels + blk.ch0) * L;
-      Vec* ckpt = hp + task * d.n_chunks * N;
-      std::fill(h.begin(), h.end(), Vec{});
-      for (int64_t chunk = 0; chunk < d.n_chunks; ++chunk) {
-        const int64_t t0 = chunk * CHUNK;
-        const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
-        std::copy(h.begin(), h.end(), ckpt + chunk * N);
-        s.prefetch.clear();
-        if (chunk + 1 < d.n_chunks) {
-          const int next = static_cast<int>(std::min<int64_t>(CHUNK, L - t0 - CHUNK));
-          for (const float* rows : {up + row0, dp + row0}) s.prefetch.add(rows + t0 + CHUNK, L, blk.width, next, false);
-          for (const float* rows : {Bg, Cg}) s.prefetch.add(rows + t0 + CHUNK, L, N, next, false);
-          s.prefetch.add(yp + row0 + t0 + CHUNK, L, blk.width, next, true);
-          s.prefetch.issue(0, 1);
-        }
-        in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
-        for (int t = 0; t < steps; ++t) ybuf[t] = d_lane * in.u[t];
-        // State-major: one state row stays in a register while time runs; y is revisited once per state.
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec an = a2[n];
-          const float* Bn = Bg + n * L + t0;
-          const float* Cn = Cg + n * L + t0;
-          Vec hv = h[n];
-          for (int t = 0; t < steps; ++t) {
-            hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
-            ybuf[t] += hv * Cn[t];
-          }
-          h[n] = hv;
-        }
-        store_lanes(yp + row0 + t0, ybuf.data(), L, blk.width, steps);
+  const auto make_scratch = [&] { return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), {}}; };
+  run_tasks(n_tasks, n_tasks * L * N, make_scratch, [&](int64_t task, Scratch& s) {
+    const ChunkInputs& in = s.in;
+    std::vector<Vec>& h = s.h;
+    std::vector<Vec>& ybuf = s.ybuf;
+    const Block blk(d, task / (d.groups * d.blocks), (task / d.blocks) % d.groups, task % d.blocks);
+    const std::vector<Vec> a2 = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
+    const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
+    const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
+    const float* Bg = Bp + (blk.b * d.groups + blk.g) * N * L;
+    const float* Cg = Cp + (blk.b * d.groups + blk.g) * N * L;
+    const int64_t row0 = (blk.b * d.channels + blk.ch0) * L;
+    Vec* ckpt = hp + task * d.n_chunks * N;
+    std::fill(h.begin(), h.end(), Vec{});
+    for (int64_t chunk = 0; chunk < d.n_chunks; ++chunk) {
+      const int64_t t0 = chunk * CHUNK;
+      const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+      std::copy(h.begin(), h.end(), ckpt + chunk * N);
+      s.prefetch.clear();
+      if (chunk + 1 < d.n_chunks) {
+        const int next = static_cast<int>(std::min<int64_t>(CHUNK, L - t0 - CHUNK));
+        for (const float* rows : {up + row0, dp + row0})
+          s.prefetch.add(rows + t0 + CHUNK, L, blk.width, next, false);
+        for (const float* rows : {Bg, Cg}) s.prefetch.add(rows + t0 + CHUNK, L, N, next, false);
+        s.prefetch.add(yp + row0 + t0 + CHUNK, L, blk.width, next, true);
       }
+      s.in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
+      for (int t = 0; t < steps; ++t) ybuf[t] = d_lane * in.u[t];
+      // State-major: one state row stays in a register while time runs; y is revisited once per state.
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec an = a2[n];
+        const float* Bn = Bg + n * L + t0;
+        const float* Cn = Cg + n * L + t0;
+        Vec hv = h[n];
+        for (int t = 0; t < steps; ++t) {
+          hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
+          ybuf[t] += hv * Cn[t];
+        }
+        h[n] = hv;
+        s.prefetch.issue(n, N);  // a share per state row: all at once would stall on full miss queues
+      }
+      store_lanes(yp + row0 + t0, ybuf.data(), L, blk.width, steps);
+    }
   });
   return {y, checkpoints};
 }
@@ -438,14 +440,13 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   struct Scratch {
     ChunkInputs in;
     std::vector<Vec> gy_t, gdA, ghB, gout;  // [t]
-    std::vector<Vec> hs, decay;             // [n][t + 1]: h_t (h_{-1} at [n][0]); [n][t]: a_t
+    std::vector<Vec> hs, decay;             // one state row: h_t at [t + 1] (the checkpoint at [0]); a_t at [t]
     std::vector<Vec> gB_acc, gC_acc;        // [n][t], summed lane-wise over the blocks of a part
     RowPrefetcher prefetch;
   };
   const auto make_scratch = [&] {
     const std::vector<Vec> steps(CHUNK), states_steps(N * CHUNK);
-    return Scratch{{},           steps,        steps,        steps, steps, std::vector<Vec>(N * (CHUNK + 1)),
-                   states_steps, states_steps, states_steps, {}};
+    return Scratch{{}, steps, steps, steps, steps, std::vector<Vec>(CHUNK + 1), steps, states_steps, states_steps, {}};
   };
   const int64_t n_tasks = d.batch * d.groups * parts;
   run_tasks(n_tasks, d.batch * d.groups * d.blocks * L * N, make_scratch, [&](int64_t task, Scratch& s) {
@@ -460,10 +461,10 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
     std::vector<Vec> a, a2;
     for (int64_t i = 0; i < n_blk; ++i) {
       const Block blk(d, b, g, blk0 + i);
-      for (float scale : {1.f, LOG2E}) {
-        const std::vector<Vec> rows = load_A(Ap + blk.ch0 * N, N, blk.width, scale);
-        (scale == 1.f ? a : a2).insert((scale == 1.f ? a : a2).end(), rows.begin(), rows.end());
-      }
+      const std::vector<Vec> a_i = load_A(Ap + blk.ch0 * N, N, blk.width, 1.f);
+      const std::vector<Vec> a2_i = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);
+      a.insert(a.end(), a_i.begin(), a_i.end());
+      a2.insert(a2.end(), a2_i.begin(), a2_i.end());
     }
     std::vector<Vec> carry(n_blk * N, Vec{});
     std::vector<VecD> gA_acc(n_blk * N, VecD{}), gD_acc(n_blk, VecD{}), gbias_acc(n_blk, VecD{});
@@ -499,37 +500,30 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
             for (const float* rows : {Bg + next_t0, Cg + next_t0}) s.prefetch.add(rows, L, N, next_steps, false);
         }
 
-        // Recompute the chunk's decays and states from its checkpoint (the forward's arithmetic); dL/dC needs only
-        // the states, so it is added here.
-        s.prefetch.issue(0, 1);
+        s.prefetch.issue(0, 1);  // all at once: the first rows are needed as soon as this block is done
+
+        // One state row at a time: its decays and states over the chunk are recomputed from the checkpoint (the
+        // forward's arithmetic) into one-row buffers that stay in L1, then walked backwards with the carry in a
+        // register. Rows only meet in the per-step sums over n (gdA, ghB). With gh = dL/dh_t:
+        // dL/d(dt A) = gh a_t h_{t-1}, dL/dB = gh dt u, dL/dC = gy h_t, and dt gets A dL/d(dt A) + u sum_n gh B.
+        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data(), *hs = s.hs.data(), *dec = s.decay.data();
+        std::fill(gdA, gdA + steps, Vec{});
+        std::fill(ghB, ghB + steps, Vec{});
         for (int64_t n = 0; n < N; ++n) {
-          const Vec a2n = a2[i * N + n];
+          const Vec an = a[i * N + n], a2n = a2[i * N + n];
           const float* Bn = Bg + n * L + t0;
-          Vec* hs = &s.hs[n * (CHUNK + 1)];
-          Vec* dec = &s.decay[n * CHUNK];
+          const float* Cn = Cg + n * L + t0;
+          Vec* gb_n = &s.gB_acc[n * CHUNK];
           Vec* gc_n = &s.gC_acc[n * CHUNK];
           Vec hv = h0[n];
           hs[0] = hv;
           for (int t = 0; t < steps; ++t) {
-            dec[t] = exp2v(in.dt[t] * a2n);
-            hv = dec[t] * hv + in.dtu[t] * Bn[t];
+            const Vec decay = exp2v(in.dt[t] * a2n);
+            hv = decay * hv + in.dtu[t] * Bn[t];
+            dec[t] = decay;
             hs[t + 1] = hv;
             gc_n[t] += gy_t[t] * hv;
           }
-        }
-        // Reverse pass, state-major: the carry of one state row stays in a register while time runs backwards; rows
-        // only meet in the per-step sums over n (gdA, ghB). With gh = dL/dh_t: dL/d(dt A) = gh a_t h_{t-1},
-        // dL/dB = gh dt u, and dt gets A dL/d(dt A) + u sum_n gh B.
-        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data();
-        std::fill(gdA, gdA + steps, Vec{});
-        std::fill(ghB, ghB + steps, Vec{});
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec an = a[i * N + n];
-          const float* Bn = Bg + n * L + t0;
-          const float* Cn = Cg + n * L + t0;
-          const Vec* hs = &s.hs[n * (CHUNK + 1)];
-          const Vec* dec = &s.decay[n * CHUNK];
-          Vec* gb_n = &s.gB_acc[n * CHUNK];
           Vec cv = carry[i * N + n], gav{};
           for (int t = steps - 1; t >= 0; --t) {
             const Vec gh = cv + gy_t[t] * Cn[t];
