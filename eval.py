@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from layers.ss2d import SS2D  # noqa: E402
 from models import PAD_MULTIPLE, CheckpointError, load_checkpoint  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvaluationError,
     PeakMemory,
@@ -47,14 +48,6 @@ def pad_multiple(text: str) -> int:
     value = int(text)
     if value < PAD_MULTIPLE or value % PAD_MULTIPLE:
         raise argparse.ArgumentTypeError(f"--pad must be a positive multiple of {PAD_MULTIPLE}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.cli import positive_int  # noqa: E402
 from utils.image import atomic_write, list_images, load_image_with_note, to_pil, to_tensor  # noqa: E402
 from utils.metrics import ms_ssim, ms_ssim_db, psnr_8bit  # noqa: E402
 
@@ -45,14 +46,6 @@ def quality(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"quality must be in 1..100, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
 
 

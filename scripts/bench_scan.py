@@ -31,18 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from layers.scan import ScanBackendError, selective_scan, selective_scan_ref  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
 FORWARD_ONLY_LENGTHS = (98304,)
 TARGETS = {"length": 16384, "forward_s": 0.15, "forward_backward_s": 0.5, "extra_peak_bytes": 1 << 30}
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv=None):

@@ -20,17 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from models import build_model  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 from utils.training import AMP_DTYPES, RateDistortionLoss, configure_optimizers, train_step  # noqa: E402
 
 # (preset, overrides, timed steps on the CPU): the paper's model is slow on a CPU, so it gets fewer steps.
 CONFIGS = (("csm-small", {}, 5), ("csm", {"N": 128}, 3))
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv=None):
