@@ -6,8 +6,12 @@
 // place (row n of a group is contiguous in time and shared by all its lanes). The forward saves the state at the
 // start of every chunk; the backward recomputes a chunk's states from that checkpoint.
 //
-// Every output element of the forward is computed by the same sequence of operations whatever the number of
-// threads (a block is never split), so decoding is bit-identical across thread counts.
+// Blocks (forward) and parts of groups (backward) are handed to threads one at a time. Every output element of the
+// forward is computed by the same sequence of operations whatever the number of threads (a block is never split),
+// so decoding is bit-identical across thread counts; the backward's dL/dB, dL/dC may differ in rounding.
+//
+// The inner loops use GCC/Clang vector types (one Vec = SIMD_W lanes); exp and the transposes have AVX-512
+// versions, used when the build machine has AVX-512 (the extension is compiled with -march=native).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -411,8 +415,9 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   const int64_t N = d.n_state, L = d.length;
   // A task is one part of the blocks of one group of one image. It walks time backwards chunk by chunk and, inside
   // a chunk, over its blocks, so dL/dB and dL/dC of the chunk add up over the blocks lane-wise in a local buffer
-  // and are reduced over lanes once per chunk. Groups are split into parts only to give every thread work; each
-  // part has its own dL/dB, dL/dC output (summed at the end), so no two threads write the same element.
+  // and are reduced over lanes once per chunk. Groups are split into parts only to give every thread several tasks
+  // to balance; each part has its own dL/dB, dL/dC output (summed at the end), so no two threads write the same
+  // element.
   const int64_t groups_total = std::max<int64_t>(1, d.batch * d.groups);
   const int64_t parts_wanted = (TASKS_PER_THREAD * at::get_num_threads() + groups_total - 1) / groups_total;
   const int64_t per_part = std::max<int64_t>(1, (d.blocks + parts_wanted - 1) / parts_wanted);
