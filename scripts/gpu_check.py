@@ -6,8 +6,9 @@ Stages, each guarded so that a failure is recorded and the JSON is rewritten aft
 1. ``deps``: install compressai (and pytorch-msssim) from third_party/ into a private folder when they are not
    importable (started in the background, next to the build); ``scripts/fetch_gpu_deps.sh`` fills third_party/.
 2. ``build``: ``scripts/build_mamba_kernel.py`` for the local architecture only (about a minute on 16 cores).
-3. ``equivalence``: ``cuda`` vs ``torch`` on the GPU, forward and every gradient, at the SS2D shapes of ``csm`` on
-   a 768x512 image, with mamba-ssm's own test tolerances; then ``cpu`` vs ``cuda`` on the smaller shapes.
+3. ``equivalence``: ``cuda``, ``torch`` (float32) and, on the smaller shapes, ``cpu`` against a float64 scan,
+   forward and every gradient, at the SS2D shapes of ``csm`` on a 768x512 image (``run_equivalence`` says the
+   criterion); ``cuda`` vs ``torch`` element by element with mamba-ssm's test tolerances as information.
 4. ``timing``: forward, compress, decompress (768x512) and a training step (batch 8, 256x256) of ``csm`` with the
    ``cuda`` and ``torch`` scan backends and of ``tcm`` (no SSM), medians of 3 after a warm-up, peak GPU memory.
 
@@ -382,18 +383,54 @@ def _to_cpu(result):
     return out.cpu(), {k: v.cpu() for k, v in grads.items()}
 
 
-def run_equivalence(record, plan, args, report):
-    """``plan.backends[0]`` vs ``plan.backends[1]`` at every scan case; the cpu backend vs the first on some."""
+def float32_bound(length):
+    """Largest accepted error of a float32 scan against the float64 one, relative to the largest reference value.
+
+    A recurrence of L steps in float32 accumulates rounding error growing with L (the first-order bound of a
+    recursive sum is (L - 1) * 2^-24 of the summed magnitudes), so long scans are judged against L * 2^-24, and
+    short ones against 128 * 2^-24 (7.6e-6).
+    """
+    return max(length, 128) * 2.0**-24
+
+
+def accuracy(result, reference, bound):
+    """Per tensor: max |a - r| / max |r| against the float64 ``reference``, and whether it is within ``bound``."""
     import torch
 
-    fast, reference = plan.backends
+    (out, grads), (ref_out, ref_grads) = result, reference
+    pairs = {"out": (out, ref_out), **{f"d{k}": (grads[k], ref_grads[k]) for k in INPUT_NAMES}}
+    figures = {}
+    for name, (a, r) in pairs.items():
+        a = a.double().to(r.device)
+        finite = bool(torch.isfinite(a).all().item())
+        err = float(((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()) if finite else float("inf")
+        figures[name] = {"rel_err": err, "ok": finite and err <= bound}
+    return figures
+
+
+def run_equivalence(record, plan, args, report):
+    """Every float32 backend against a float64 scan (the torch backend in float64, on the same device), at every
+    scan case; ``plan.backends[0]`` vs ``plan.backends[1]`` element by element with mamba-ssm's test tolerances as
+    information; the cpu backend too on ``plan.cpu_cases``.
+
+    Pass/fail is the float64 comparison: every backend's error, relative to the largest reference value, within
+    ``float32_bound(L)``. mamba-ssm's element-wise tolerances are made for L <= 4096 and bounded inputs; with its
+    test's input distribution (A near 0: almost no decay) the state grows with L, and two correct float32 scans
+    differ by more than those tolerances at L = 98304 (seen on an H200: 6.6e-4 of the output's scale).
+    """
+    import torch
+
+    fast, other = plan.backends
     cases, all_ok = [], True
     record["cases"] = cases
-    record["compared"] = f"{fast} vs {reference}"
+    record["compared"] = f"{fast}, {other} (and cpu on {list(plan.cpu_cases)}) vs torch in float64"
+    record["criterion"] = "max|a - ref64| / max|ref64| <= max(L, 128) * 2^-24 for the output and every gradient"
     record["tolerances"] = {k: {"rtol": r, "atol": a} for k, (r, a) in TOLERANCES.items()}
     for index, (name, d_inner, length) in enumerate(plan.scan_cases):
-        case = {"name": name, "shape": {"batch": SCAN_BATCH, "K": SCAN_DIRECTIONS, "d_inner": d_inner,
-                                        "channels": SCAN_DIRECTIONS * d_inner, "d_state": SCAN_STATE, "L": length}}
+        bound = float32_bound(length)
+        case = {"name": name, "bound": bound,
+                "shape": {"batch": SCAN_BATCH, "K": SCAN_DIRECTIONS, "d_inner": d_inner,
+                          "channels": SCAN_DIRECTIONS * d_inner, "d_state": SCAN_STATE, "L": length}}
         cases.append(case)
         if report.elapsed() > args.budget_s:
             case["skipped"] = "time budget"
@@ -402,26 +439,27 @@ def run_equivalence(record, plan, args, report):
         inputs = make_scan_inputs(d_inner, length, plan.device, seed=index)
         gen = torch.Generator(device=plan.device).manual_seed(1000 + index)
         grad_out = torch.randn(SCAN_BATCH, SCAN_DIRECTIONS * d_inner, length, device=plan.device, generator=gen)
-        fast_result = scan_with_grads(inputs, grad_out, fast)
-        case[f"{fast}_vs_{reference}"] = compare_results(fast_result, scan_with_grads(inputs, grad_out, reference))
-        case["ok"] = all(c["ok"] for c in case[f"{fast}_vs_{reference}"].values())
+        ref64 = scan_with_grads({k: v.double() for k, v in inputs.items()}, grad_out.double(), "torch")
+        results = {b: scan_with_grads(inputs, grad_out, b) for b in plan.backends}
+        case["accuracy"] = {b: accuracy(r, ref64, bound) for b, r in results.items()}
+        case[f"{fast}_vs_{other}"] = compare_results(results[fast], results[other])
+        if name in plan.cpu_cases and "cpu" not in plan.backends:
+            try:
+                cpu_result = scan_with_grads({k: v.cpu() for k, v in inputs.items()}, grad_out.cpu(), "cpu")
+                case["accuracy"]["cpu"] = accuracy(cpu_result, ref64, bound)
+                case[f"cpu_vs_{fast}"] = compare_results(cpu_result, _to_cpu(results[fast]))
+            except Exception as exc:  # noqa: BLE001 -- a missing cpu backend fails this case, not the stage
+                case["accuracy"]["cpu"] = {"error": f"{type(exc).__name__}: {exc}"}
+        case["ok"] = all(f.get("ok", False) for per in case["accuracy"].values() for f in per.values()) and all(
+            "error" not in per for per in case["accuracy"].values())
         # Forward + backward time of each backend (the runs above were the warm-up).
         for backend in plan.backends:
             _reset_peak(plan.device)
             median, _ = _median_time(lambda b=backend: scan_with_grads(inputs, grad_out, b), plan.device, plan.repeats)
             case[f"{backend}_fwd_bwd_s"] = median
             case[f"{backend}_peak_gib"] = _peak_gib(plan.device)
-        if name in plan.cpu_cases:
-            try:
-                cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
-                cpu_result = scan_with_grads(cpu_inputs, grad_out.cpu(), "cpu")
-                case[f"cpu_vs_{fast}"] = compare_results(cpu_result, _to_cpu(fast_result))
-                case["ok"] = case["ok"] and all(c["ok"] for c in case[f"cpu_vs_{fast}"].values())
-            except Exception as exc:  # noqa: BLE001 -- a missing cpu backend fails this case, not the stage
-                case[f"cpu_vs_{fast}"] = {"error": f"{type(exc).__name__}: {exc}"}
-                case["ok"] = False
         all_ok = all_ok and case["ok"]
-        del inputs, grad_out, fast_result
+        del inputs, grad_out, results, ref64
         if plan.device == "cuda":
             torch.cuda.empty_cache()
         report.write()
@@ -571,6 +609,11 @@ def run_timing(record, plan, args, report):
             record[f"{preset}_forward_{'_vs_'.join(plan.backends)}"] = {
                 "x_hat_max_abs": float((a["x_hat"] - b["x_hat"]).abs().max()),
                 "y_likelihoods_max_abs": float((a["likelihoods"]["y"] - b["likelihoods"]["y"]).abs().max()),
+                # An untrained model puts many latents near a rounding boundary: a float32-sized difference flips
+                # round(y - mu) there, and that element's likelihood changes completely. The fraction says how many.
+                "y_likelihoods_differing_fraction": float(
+                    ((a["likelihoods"]["y"] - b["likelihoods"]["y"]).abs() > 1e-3).double().mean()),
+                "x_hat_mean_abs": float((a["x_hat"] - b["x_hat"]).abs().mean()),
             }
         del model, outputs, state
         if plan.device == "cuda":
@@ -617,7 +660,10 @@ def summary(data):
         worst = {k: max((c.get("worst", float("inf")) for c in v.values()), default=None)
                  for k, v in case.items() if "_vs_" in k and "error" not in v}
         times = {k: v for k, v in case.items() if k.endswith("_fwd_bwd_s")}
-        lines.append(f"  {case['name']} L={case['shape']['L']}: ok={case.get('ok')} worst {worst} {times}"
+        errors = {b: max((f.get("rel_err", float("inf")) for f in per.values()), default=None)
+                  for b, per in case.get("accuracy", {}).items()}
+        lines.append(f"  {case['name']} L={case['shape']['L']}: ok={case.get('ok')} rel_err vs float64 {errors} "
+                     f"(bound {case.get('bound', 0):.2e}) element-wise worst {worst} {times}"
                      f"{' ' + case['skipped'] if 'skipped' in case else ''}")
     for run in data["stages"].get("timing", {}).get("runs", []):
         inference = run.get("inference", {})

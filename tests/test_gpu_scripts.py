@@ -97,6 +97,20 @@ def test_equivalence_stage_on_the_cpu(tmp_path):
     case = json.loads(report.path.read_text())["stages"]["equivalence"]["cases"][0]
     assert set(case["torch_vs_ref"]) == {"out", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias"}
     assert all(c["worst"] < 0.1 for c in case["torch_vs_ref"].values())
+    assert set(case["accuracy"]) == {"torch", "ref"} and case["bound"] == gpu_check.float32_bound(40)
+    assert all(f["ok"] and f["rel_err"] < 1e-5 for per in case["accuracy"].values() for f in per.values())
+
+
+def test_accuracy_against_float64_fails_a_wrong_scan():
+    torch.manual_seed(0)
+    names = ("out",) + gpu_check.INPUT_NAMES
+    reference = (torch.randn(50).double(), {k: torch.randn(50).double() for k in gpu_check.INPUT_NAMES})
+    close = (reference[0].float() * (1 + 1e-7), {k: v.float() for k, v in reference[1].items()})
+    assert all(f["ok"] for f in gpu_check.accuracy(close, reference, gpu_check.float32_bound(50)).values())
+    wrong = (reference[0].float(), {**close[1], "B": close[1]["B"] + 1e-3})
+    figures = gpu_check.accuracy(wrong, reference, gpu_check.float32_bound(50))
+    assert [n for n in names if not figures[n if n == "out" else f"d{n}"]["ok"]] == ["B"]
+    assert gpu_check.float32_bound(98304) == 98304 * 2.0**-24 and gpu_check.float32_bound(8) == 128 * 2.0**-24
 
 
 def test_a_failing_stage_is_recorded_not_raised(tmp_path):
