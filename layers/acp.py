@@ -16,21 +16,22 @@ class ChannelScore(nn.Module):
 
     ``x' = x + net(x)`` with net = conv3x3(C, C/2) -> GELU -> conv3x3(C/2, C); ``s = channelattention(x')`` with
     channelattention = avgpool -> conv1x1(C, C/2) -> ReLU -> conv1x1(C/2, C) -> sigmoid; ``forward`` gives ``x' * s``.
+    ``refine=False`` drops the local refinement (``x' = x``, no ``net``): the score alone, squeeze-excitation style.
     Input and output (B, C, H, W); ``s`` is (B, C, 1, 1), one score per image and channel.
     """
 
-    def __init__(self, channels):
+    def __init__(self, channels, refine=True):
         super().__init__()
         hidden = channels // 2
-        self.net = nn.Sequential(conv3x3(channels, hidden), nn.GELU(), conv3x3(hidden, channels))
+        self.net = nn.Sequential(conv3x3(channels, hidden), nn.GELU(), conv3x3(hidden, channels)) if refine else None
         self.channelattention = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), conv1x1(channels, hidden), nn.ReLU(inplace=True), conv1x1(hidden, channels),
             nn.Sigmoid(),
         )
 
     def refine(self, x):
-        """``x' = x + net(x)``: (B, C, H, W)."""
-        return x + self.net(x)
+        """``x' = x + net(x)`` (``x`` itself without refinement): (B, C, H, W)."""
+        return x if self.net is None else x + self.net(x)
 
     def scores(self, x_refined):
         """``s``: (B, C, 1, 1) in (0, 1)."""
@@ -52,12 +53,14 @@ class AdaptiveChannelPartition(nn.Module):
     - ``static``: the same scoring, then a fixed split: the first ``C_local`` channels / the rest (the released code).
     - ``none``: no refinement and no score, the 1x1 mix and the fixed split (ablation).
 
+    ``refine=False`` keeps the score but drops its local refinement (``ChannelScore``), for lighter variants.
+
     The ranking itself is discrete; the scorer learns through ``x' * s``. ``forward`` returns
     ``(x_local (B, C_local, H, W), x_ssm (B, C - C_local, H, W), routing)``; ``merge`` puts the branch outputs back at
     their channels' original positions.
     """
 
-    def __init__(self, channels, ratio=0.5, mode="adaptive"):
+    def __init__(self, channels, ratio=0.5, mode="adaptive", refine=True):
         super().__init__()
         if mode not in ACP_MODES:
             raise ValueError(f"ACP mode must be one of {ACP_MODES}; got {mode!r}")
@@ -67,7 +70,7 @@ class AdaptiveChannelPartition(nn.Module):
         self.mode = mode
         self.channels = channels
         self.local_channels = local_channels
-        self.score = ChannelScore(channels) if mode != "none" else None
+        self.score = ChannelScore(channels, refine) if mode != "none" else None
         self.mix = conv1x1(channels, channels)
 
     def features(self, x):
@@ -90,7 +93,7 @@ class AdaptiveChannelPartition(nn.Module):
         mixed, scores = self.features(x)
         routing = self.route(scores) if self.mode == "adaptive" else None
         if routing is not None:
-            mixed = mixed.gather(1, routing[:, :, None, None].expand_as(mixed))
+            mixed = _select_channels(mixed, routing)
         x_local, x_ssm = mixed.split((self.local_channels, self.channels - self.local_channels), dim=1)
         return x_local, x_ssm, routing
 
@@ -99,5 +102,12 @@ class AdaptiveChannelPartition(nn.Module):
         y = torch.cat((y_local, y_ssm), dim=1)
         if routing is None:
             return y
-        inverse = routing.argsort(dim=1)
-        return y.gather(1, inverse[:, :, None, None].expand_as(y))
+        return _select_channels(y, routing.argsort(dim=1))
+
+
+def _select_channels(x, order):
+    """``x[b, order[b]]`` for every image b: (B, C, H, W) with (B, C) indices. Whole channel planes are copied
+    (index_select per image), which is several times faster than ``gather`` with an index the size of ``x``."""
+    if x.shape[0] == 1:
+        return x[0].index_select(0, order[0]).unsqueeze(0)
+    return torch.stack([image.index_select(0, idx) for image, idx in zip(x, order)])

@@ -16,15 +16,19 @@ from .swin import ConvTransBlock
 FUSIONS = ("conv1x1", "residual")
 
 class ConvResidualBlock(nn.Module):
-    """The figure's residual conv block: ``x + conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv3x3 (x)``; (B, C, H, W)."""
+    """The figure's residual conv block: ``x + conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv3x3 (x)``; (B, C, H, W).
 
-    def __init__(self, channels):
+    ``depth`` convolutions (3 in the figure), a ReLU between each two.
+    """
+
+    def __init__(self, channels, depth=3):
         super().__init__()
-        self.body = nn.Sequential(
-            conv3x3(channels, channels), nn.ReLU(inplace=True),
-            conv3x3(channels, channels), nn.ReLU(inplace=True),
-            conv3x3(channels, channels),
-        )
+        if depth < 1:
+            raise ValueError(f"a residual conv block needs at least one convolution; got depth {depth}")
+        layers = [conv3x3(channels, channels)]
+        for _ in range(depth - 1):
+            layers += [nn.ReLU(inplace=True), conv3x3(channels, channels)]
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x):
         return x + self.body(x)
@@ -42,6 +46,8 @@ class StateSpaceResidualBlock(nn.Module):
         channels: C.
         ratio: share of channels for the CNN branch, ``C_local = round(ratio * C)``.
         acp: ACP mode, ``adaptive``, ``static`` or ``none`` (see ``AdaptiveChannelPartition``).
+        acp_refine: the ACP's local refinement before scoring (True in the paper's block).
+        cnn_depth: convolutions of the CNN branch (3 in the figure).
         ssm_branch: VSS block on the SSM share (True) or a CNN residual block (False).
         fusion: ``conv1x1`` or ``residual``.
         scan_directions, d_state, ssm_ratio, mlp_ratio, drop_path, scan_backend: passed to ``VSSBlock``.
@@ -52,6 +58,8 @@ class StateSpaceResidualBlock(nn.Module):
         channels,
         ratio=0.5,
         acp="adaptive",
+        acp_refine=True,
+        cnn_depth=3,
         ssm_branch=True,
         fusion="conv1x1",
         scan_directions=4,
@@ -64,10 +72,10 @@ class StateSpaceResidualBlock(nn.Module):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
-        self.acp = AdaptiveChannelPartition(channels, ratio, acp)
+        self.acp = AdaptiveChannelPartition(channels, ratio, acp, refine=acp_refine)
         local_channels = self.acp.local_channels
         ssm_channels = channels - local_channels
-        self.cnn_branch = ConvResidualBlock(local_channels)
+        self.cnn_branch = ConvResidualBlock(local_channels, cnn_depth)
         if ssm_branch:
             self.ssm_branch = VSSBlock(
                 ssm_channels,
@@ -79,7 +87,7 @@ class StateSpaceResidualBlock(nn.Module):
                 scan_backend=scan_backend,
             )
         else:
-            self.ssm_branch = ConvResidualBlock(ssm_channels)
+            self.ssm_branch = ConvResidualBlock(ssm_channels, cnn_depth)
         self.fusion = conv1x1(channels, channels) if fusion == "conv1x1" else ConvResidualBlock(channels)
 
     def forward(self, x):

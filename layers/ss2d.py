@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import selective_scan
+from .scan import resolve_backend, selective_scan
 
 SCAN_DIRECTIONS = (1, 2, 4)
 
@@ -31,6 +31,18 @@ def cross_scan(x, directions=4):
     if directions == 2:
         return both
     return torch.cat([both, both.flip(-1)], dim=1)
+
+
+def to_scan_order(x, height, width):
+    """Put each direction's own map into its scan order: x (B, K, C, H*W) in pixel (row-major) order, direction k
+    of ``cross_scan``'s order; returns (B, K, C, H*W) where [:, k] is what ``cross_scan`` would give for k."""
+    batch, directions, channels, _ = x.shape
+    out = [x[:, 0]]
+    if directions > 1:
+        out.append(x[:, 1].view(batch, channels, height, width).transpose(2, 3).flatten(2))
+    if directions == 4:
+        out += [x[:, 2].flip(-1), x[:, 3].view(batch, channels, height, width).transpose(2, 3).flatten(2).flip(-1)]
+    return torch.stack(out, dim=1)
 
 
 def cross_merge(y, height, width):
@@ -120,11 +132,48 @@ class SS2D(nn.Module):
         )
         return cross_merge(ys.view(batch, self.directions, self.d_inner, length), height, width)
 
+    def _fused_applies(self, x):
+        """The fused CPU kernel serves float32 CPU inference (no gradient needed) when the cpu backend runs."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.x_proj_weight.requires_grad):
+            return False
+        return resolve_backend(x.device, self.scan_backend) == "cpu"
+
+    def fused_scan(self, x):
+        """``scan`` for inference in one pass of the CPU kernel, channels last: (B, d_inner, H, W) (best in
+        channels_last memory format) -> (B, H, W, d_inner). The kernel reads u from the map in each direction's
+        order, forms dt from the low-rank projection and adds every direction's y back at its pixels, so the four
+        direction copies of u, dt and y are never made. Same function as ``scan``, float32 rounding aside."""
+        from .scan import cpu
+
+        batch, _, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.d_inner).contiguous()
+        x_dbl = to_scan_order(torch.einsum("kcd,bld->bkcl", self.x_proj_weight, pixels), height, width)
+        dts, Bs, Cs = (t.contiguous() for t in torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2))
+        y = cpu.load_extension().ss2d_forward(
+            pixels,
+            dts,
+            self.dt_projs_weight.float().contiguous(),
+            -torch.exp(self.A_logs.float()),
+            Bs,
+            Cs,
+            self.Ds.float().contiguous(),
+            self.dt_projs_bias.float().reshape(-1).contiguous(),
+            True,
+            height,
+            width,
+        )
+        return y.view(batch, height, width, self.d_inner)
+
     def forward(self, x):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = F.silu(z)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = self.scan(x).to(z.dtype).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2)
+        if self._fused_applies(x):  # channels last throughout: no layout copies around the scan
+            y = self.fused_scan(F.silu(self.conv2d(x.contiguous(memory_format=torch.channels_last))))
+        else:
+            y = self.scan(F.silu(self.conv2d(x))).to(z.dtype).permute(0, 2, 3, 1)
         return self.out_proj(self.out_norm(y) * z)
 
 

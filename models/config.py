@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, fields
 TRANSFORM_BLOCKS = ("srb", "tcm", "released")
 HYPER_BLOCKS = ("srb", "tcm")
 CONTEXTS = ("ssm", "swin")
+# Fields added after .csm files existed, with the value that reproduces the models made before them.
+_ADDED_LATER = {"acp_refine": True, "cnn_depth": 3}
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class CSMConfig:
     State-space Residual Block:
         acp: ``adaptive`` (per-image ranking), ``static`` (fixed split after scoring), ``none`` (no scoring).
         acp_ratio: share of channels sent to the CNN branch.
+        acp_refine: the ACP's local refinement (conv3x3 -> GELU -> conv3x3) before the channel score.
+        cnn_depth: convolutions in the CNN branch's residual block (3 in the figure, 2 like TCM's).
         ssm_branch: False replaces the VSS branch by a CNN one (the "CNN only" ablation).
         fusion: ``conv1x1`` (released code) or ``residual`` (the figure's three-conv block).
         scan_directions: 1, 2 or 4 directions of the 2-D selective scan.
@@ -46,6 +50,8 @@ class CSMConfig:
     hyper_block: str = "srb"
     acp: str = "adaptive"
     acp_ratio: float = 0.5
+    acp_refine: bool = True
+    cnn_depth: int = 3
     ssm_branch: bool = True
     fusion: str = "conv1x1"
     scan_directions: int = 4
@@ -73,6 +79,7 @@ class CSMConfig:
             ("acp", ("adaptive", "static", "none")),
             ("fusion", ("conv1x1", "residual")),
             ("scan_directions", (1, 2, 4)),
+            ("cnn_depth", (1, 2, 3)),
         )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
@@ -89,6 +96,11 @@ class CSMConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    def identity_dict(self):
+        """``to_dict`` without the fields added after the first release while they hold their defaults, so that a
+        model named (hashed) before they existed keeps its name."""
+        return {k: v for k, v in asdict(self).items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
 
     @classmethod
     def from_dict(cls, values):

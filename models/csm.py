@@ -106,6 +106,8 @@ class CSM(CompressionModel):
             channels,
             ratio=cfg.acp_ratio,
             acp=cfg.acp,
+            acp_refine=cfg.acp_refine,
+            cnn_depth=cfg.cnn_depth,
             ssm_branch=cfg.ssm_branch,
             fusion=cfg.fusion,
             scan_directions=cfg.scan_directions,

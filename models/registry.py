@@ -7,9 +7,14 @@ from .csm import CSM
 
 # The paper's figure: SRBs everywhere, adaptive ACP, SSM context blocks.
 _CSM = {}
+# A lighter SRB, not the paper's figure: the ACP keeps its per-image score and routing but loses the local
+# refinement (two conv3x3 at full width, about 40 % of an SRB's multiply-adds), the CNN branch has two
+# convolutions (TCM's depth) instead of three, and the VSS blocks have no MLP (as in the released code). Its cost
+# per block is about that of a TCM block.
+_LITE = {"acp_refine": False, "cnn_depth": 2, "mlp_ratio": 0.0}
 # A small configuration for CPU training and the bundled checkpoint (same layout, narrower everywhere): 7.7 M
 # parameters, of which the entropy model is 2.8 M.
-_SMALL = {"N": 32, "M": 128, "Z": 64, "num_slices": 4, "context_dim": 48, "cc_hidden": (64, 48)}
+SMALL = {"N": 32, "M": 128, "Z": 64, "num_slices": 4, "context_dim": 48, "cc_hidden": (64, 48)}
 
 PRESETS = {
     "csm": _CSM,
@@ -30,9 +35,11 @@ PRESETS = {
     "csm-scan2": {"scan_directions": 2},
     "csm-swin-context": {"context": "swin"},
     "csm-fusion-residual": {"fusion": "residual"},
+    "csm-lite": _LITE,
     # Small configurations for CPU work.
-    "csm-small": _SMALL,
-    "tcm-small": {**_SMALL, "transform_block": "tcm", "hyper_block": "tcm", "context": "swin"},
+    "csm-small": SMALL,
+    "tcm-small": {**SMALL, "transform_block": "tcm", "hyper_block": "tcm", "context": "swin"},
+    "csm-lite-small": {**SMALL, **_LITE},
 }
 
 

@@ -1,7 +1,10 @@
-"""Compress / decompress time of one image for CSM and TCM at the same N/M, as JSON (CPU by default).
+"""Compress / decompress time of one image for CSM, its lighter variant and TCM at the same N/M, as JSON (CPU).
 
     python scripts/bench_codec.py --image ../shared/data/kodak/kodim01.png              # N=128, M=320 and small
     python scripts/bench_codec.py --image IMG --configs 128:320 --models csm tcm --repeats 3
+
+Every model is timed against the last one named (the baseline, ``tcm`` by default): ``ratio_over_baseline``.
+``small`` builds each preset with the small widths of ``csm-small`` / ``tcm-small`` (``models.registry.SMALL``).
 
 Untrained weights: the time of an entropy coder depends only weakly on the weights (symbol counts are fixed by the
 image size), so this measures the architecture. Times are seconds, medians over ``--repeats`` after one warm-up.
@@ -21,11 +24,11 @@ import torch  # noqa: E402
 
 from layers.scan import resolve_backend  # noqa: E402
 from models import build_model  # noqa: E402
+from models.registry import SMALL  # noqa: E402
 from utils.image import load_image, pad_center  # noqa: E402
 from utils.metrics import bpp_from_strings  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak" / "kodim01.png"
-SMALL = {"N": 32, "M": 128}  # the csm-small / tcm-small widths
 
 
 def time_codec(model, x, repeats):
@@ -53,7 +56,8 @@ def time_codec(model, x, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="image to code (default: Kodak kodim01)")
-    parser.add_argument("--models", nargs="+", default=["csm", "tcm"], help="presets to compare (first / second)")
+    parser.add_argument("--models", nargs="+", default=["csm", "csm-lite", "tcm"],
+                        help="presets to compare; the last is the baseline of the ratios")
     parser.add_argument(
         "--configs", nargs="+", default=["128:320", "small"], help="N:M pairs, or 'small' for the small presets"
     )
@@ -78,16 +82,21 @@ def main(argv=None):
     }
     for spec in args.configs:
         overrides = dict(SMALL) if spec == "small" else dict(zip(("N", "M"), map(int, spec.split(":"))))
-        entry = {"N": overrides["N"], "M": overrides["M"], "models": {}}
+        entry = {"config": spec, "N": overrides["N"], "M": overrides["M"], "models": {}}
         for name in args.models:
-            preset = f"{name}-small" if spec == "small" else name
-            model = build_model(preset, scan_backend=args.scan_backend, **({} if spec == "small" else overrides))
-            entry["models"][preset] = time_codec(model, x, args.repeats)
-            print(f"{preset} N={entry['N']}: {entry['models'][preset]}", file=sys.stderr)
-        first, second = (entry["models"][k] for k in list(entry["models"])[:2])
-        entry["ratio_first_over_second"] = {
-            "compress": round(first["compress_s"] / second["compress_s"], 3),
-            "decompress": round(first["decompress_s"] / second["decompress_s"], 3),
+            model = build_model(name, scan_backend=args.scan_backend, **overrides)
+            entry["models"][name] = time_codec(model, x, args.repeats)
+            entry["models"][name]["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+            print(f"{name} {spec}: {entry['models'][name]}", file=sys.stderr)
+        baseline = entry["models"][args.models[-1]]
+        entry["baseline"] = args.models[-1]
+        entry["ratio_over_baseline"] = {
+            name: {
+                "compress": round(result["compress_s"] / baseline["compress_s"], 3),
+                "decompress": round(result["decompress_s"] / baseline["decompress_s"], 3),
+            }
+            for name, result in entry["models"].items()
+            if name != args.models[-1]
         }
         report["configs"].append(entry)
     text = json.dumps(report, indent=2)

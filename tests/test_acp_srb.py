@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from layers.acp import AdaptiveChannelPartition, ChannelScore
+from layers.acp import AdaptiveChannelPartition, ChannelScore, _select_channels
 from layers.srb import ConvResidualBlock, ReleasedConvSwinBlock, ReleasedConvVSSBlock, StateSpaceResidualBlock
 from layers.ss2d import SS2D, VSSBlock
 from layers.swin import ConvTransBlock
@@ -124,8 +124,9 @@ def srb(**kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"acp": "none", "fusion": "residual"}, {"ssm_branch": False, "acp": "static"}],
-    ids=["default", "none-residual", "cnn-only"],
+    [{}, {"acp": "none", "fusion": "residual"}, {"ssm_branch": False, "acp": "static"},
+     {"acp_refine": False, "cnn_depth": 2, "mlp_ratio": 0.0}],
+    ids=["default", "none-residual", "cnn-only", "lite"],
 )
 def test_srb_gradients_reach_every_parameter(kwargs):
     block = srb(**kwargs)
@@ -156,6 +157,33 @@ def test_srb_cnn_branch_is_the_figure_residual_block():
         body = block.cnn_branch.body
         expected = x + body[4](torch.relu(body[2](torch.relu(body[0](x)))))
         torch.testing.assert_close(block.cnn_branch(x), expected)
+
+
+def test_lite_srb_scores_without_refinement_and_has_two_convolutions():
+    block = srb(acp_refine=False, cnn_depth=2, mlp_ratio=0.0)
+    x = images(32)
+    with torch.no_grad():
+        score = block.acp.score
+        assert score.net is None and torch.equal(score.refine(x), x)
+        torch.testing.assert_close(score(x), x * score.channelattention(x))
+        body = block.cnn_branch.body
+        assert len(body) == 3
+        half = x[:, :16]
+        torch.testing.assert_close(block.cnn_branch(half), half + body[2](torch.relu(body[0](half))))
+    assert block.ssm_branch.mlp is None
+    count = {name: sum(p.numel() for p in part.parameters()) for name, part in StateSpaceResidualBlock(
+        256, acp_refine=False, cnn_depth=2, mlp_ratio=0.0).named_children()}
+    # ACP: score 2 x 1x1 (256 <-> 128) + 1x1 mix; CNN: 2 conv3x3(128); VSS without MLP; 1x1 fusion
+    assert count == {"acp": 131712, "cnn_branch": 295168, "ssm_branch": 169216, "fusion": 65792}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_select_channels_is_a_per_image_gather(batch):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 6, 4, 5)
+    order = torch.stack([torch.randperm(6) for _ in range(batch)])
+    expected = x.gather(1, order[:, :, None, None].expand_as(x))
+    assert torch.equal(_select_channels(x, order), expected)
 
 
 def test_srb_without_ssm_branch_has_no_vss_parameters():

@@ -176,6 +176,16 @@ def test_model_id_names_config_and_weights(model, checkpoints):
     assert codec_io.model_id(other) != codec_io.model_id(tiny_model(0))
 
 
+def test_the_bundled_model_keeps_its_id():
+    """Files written with the bundled checkpoint before config fields were added must still name it: the id
+    leaves out later fields at their defaults, and counts them when they differ."""
+    bundled = codec_io.load_model(codec.DEFAULT_CHECKPOINT)[0]
+    assert codec_io.model_id(bundled).hex() == "1ab68d0e4ad303f988a76336b36dde79"
+    assert "cnn_depth" not in bundled.config.identity_dict()
+    lighter = build_model("csm-small", cnn_depth=2)
+    assert lighter.config.identity_dict()["cnn_depth"] == 2
+
+
 def test_memory_estimate_grows_with_the_image_and_refuses(model):
     small = codec_io.estimate_peak_memory(model, (64, 64))
     large = codec_io.estimate_peak_memory(model, (4096, 4096))

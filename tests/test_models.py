@@ -17,6 +17,7 @@ from models import (
     save_checkpoint,
 )
 from models.checkpoint import ENTROPY_MODEL_KEYS
+from models.registry import SMALL
 from tests.helpers import REPO, shared_data, tiny_overrides
 from utils.image import load_image, pad_center
 from utils.metrics import bpp_from_likelihoods, bpp_from_strings
@@ -126,6 +127,18 @@ def test_presets_and_overrides():
         build_model("csm", acp_mode="static")
     with pytest.raises(ValueError, match="acp must be one of"):
         build_model("csm", acp="random")
+
+
+def test_lite_preset_is_a_lighter_srb_at_tcm_size():
+    """csm-lite: the SRB without the ACP's refinement, two CNN convolutions, no VSS MLP; at N=128 it has fewer
+    parameters than the tcm baseline (the paper's csm has more)."""
+    lite = build_model("csm-lite")
+    assert lite.config.acp == "adaptive" and not lite.config.acp_refine and lite.config.cnn_depth == 2
+    block = lite.g_a[1]
+    assert block.acp.score.net is None and block.ssm_branch.mlp is None and len(block.cnn_branch.body) == 3
+    count = {name: sum(p.numel() for p in build_model(name).parameters()) for name in ("csm", "tcm")}
+    assert sum(p.numel() for p in lite.parameters()) == 74896044 < count["tcm"] < count["csm"]
+    assert build_model("csm-lite-small").config == build_model("csm-lite", **SMALL).config
 
 
 def test_released_layout_matches_the_authors_checkpoint_keys():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from layers.scan import ENV_VAR, ScanBackendError, resolve_backend, selective_scan, selective_scan_ref
 from layers.scan.torch_impl import SelectiveScanTorch
-from layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan
+from layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan, to_scan_order
 
 TOL = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -293,6 +293,69 @@ def test_ss2d_scan_equals_per_direction_scans(directions):
         actual = module.scan(x)
         expected = naive_ss2d_scan(module, x)
     assert_matches(actual, expected, label=f"SS2D K={directions}")
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+@pytest.mark.parametrize("size", [(2, 3, 5), (1, 1, 13), (1, 9, 11)], ids=["3x5", "1x13", "9x11"])
+def test_fused_ss2d_scan_equals_per_direction_scans(directions, size):
+    """The inference kernel (directions read in place, dt formed inside, merge by addition), channels last out;
+    d_inner = 20 is one full block of 16 lanes and a partial one, 9 x 11 spans two chunks of 64 steps."""
+    torch.manual_seed(0)
+    module = SS2D(d_model=10, d_state=4, scan_directions=directions, scan_backend="cpu")
+    batch, height, width = size
+    x = torch.randn(batch, module.d_inner, height, width)
+    with torch.no_grad(), one_thread():
+        module.dt_projs_bias.add_(torch.randn_like(module.dt_projs_bias))  # a spread of decays
+        actual = module.fused_scan(x)
+        from_channels_last = module.fused_scan(x.contiguous(memory_format=torch.channels_last))
+        expected = naive_ss2d_scan(module, x)
+    assert actual.shape == (batch, height, width, module.d_inner)
+    assert_matches(actual.permute(0, 3, 1, 2), expected, label=f"fused SS2D K={directions} {size}")
+    assert torch.equal(actual, from_channels_last)
+
+
+def test_to_scan_order_gives_each_direction_its_cross_scan():
+    torch.manual_seed(0)
+    maps = torch.randn(4, 2, 3, 5, 7)  # one (B, C, H, W) map per direction
+    ordered = to_scan_order(torch.stack([m.flatten(2) for m in maps], dim=1), 5, 7)
+    for k in range(4):
+        assert torch.equal(ordered[:, k], cross_scan(maps[k], 4)[:, k])
+
+
+def test_ss2d_inference_runs_the_fused_kernel_and_agrees(monkeypatch):
+    torch.manual_seed(0)
+    module = SS2D(d_model=8, d_state=4, scan_backend="cpu").eval()
+    x = torch.randn(2, 6, 7, 8)  # (B, H, W, C)
+    calls = []
+    fused = SS2D.fused_scan
+    monkeypatch.setattr(SS2D, "fused_scan", lambda self, t: calls.append(t.shape) or fused(self, t))
+    with one_thread():
+        expected = module(x)  # parameters need gradients: the autograd path
+        assert not calls
+        with torch.no_grad():
+            actual = module(x)
+        assert calls == [(2, module.d_inner, 6, 7)]
+        torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-6)
+        module.scan_backend = "torch"
+        with torch.no_grad():
+            module(x)
+    assert len(calls) == 1  # only the cpu backend has the fused kernel
+
+
+def test_fused_ss2d_scan_is_identical_across_thread_counts():
+    torch.manual_seed(0)
+    module = SS2D(d_model=24, d_state=16, scan_backend="cpu")
+    x = torch.randn(1, module.d_inner, 12, 20)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outputs.append(module.fused_scan(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
 
 
 def test_vss_block_trains():

@@ -72,7 +72,7 @@ def model_id(model):
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
     digest = hashlib.sha256(b"csm-model-id/1\0")
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+    digest.update(json.dumps(model.config.identity_dict(), sort_keys=True, separators=(",", ":")).encode())
     for name, tensor in sorted(state.items()):
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         # The raw bytes in native order, little-endian wherever torch runs in practice; any dtype (bfloat16 too).

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__linux__)
@@ -588,10 +589,120 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   return {gu, gdelta, gA, gB, gC, gD, gbias};
 }
 
+// Pixel index of step t of scan direction k over an H x W map (L = H * W): k = 0 row-major, 1 column-major,
+// 2 and 3 the same reversed (VMamba's cross-scan order).
+inline int64_t pixel_of(int64_t k, int64_t t, int64_t height, int64_t width, int64_t length) {
+  if (k >= 2) t = length - 1 - t;
+  if (k % 2 == 0) return t;
+  return (t % height) * width + t / height;  // t = w * H + h
+}
+
+// The whole 2-D selective scan of SS2D for inference, without the cross-scan and cross-merge copies.
+//   x      (batch, H*W, Dn)   the map, channels last, pixels row-major: u of every direction
+//   dt_r   (batch, K, R, L)   low-rank dt of each direction, in that direction's scan order
+//   dt_w   (K, Dn, R)         dt_proj weights: delta[k, d, t] = sum_r dt_w[k, d, r] * dt_r[b, k, r, t]
+//   A      (K*Dn, N); B, C (batch, K, N, L) in scan order; D, bias (K*Dn)
+// Returns (batch, H*W, Dn): the sum over directions of each direction's y, put back at its pixels (cross-merge).
+// A task is one image and one block of SIMD_W channels; it runs the K directions one after the other and adds
+// each into the output, so the result does not depend on the number of threads. Channels last, a step's lanes
+// are one contiguous run of the map (a cache line), whatever the direction.
+at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& dt_r, const at::Tensor& dt_w, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& bias,
+                        bool use_softplus, int64_t height, int64_t width) {
+  for (const at::Tensor* t : {&x, &dt_r, &dt_w, &A, &B, &C, &D, &bias}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "ss2d_forward: tensors must be contiguous float32 on the CPU");
+  }
+  const int64_t batch = x.size(0), L = x.size(1), Dn = x.size(2), K = B.size(1), N = A.size(1), R = dt_r.size(2);
+  TORCH_CHECK(height * width == L, "ss2d_forward: height * width must equal L");
+  TORCH_CHECK(K >= 1 && K <= 4 && dt_r.size(1) == K && dt_w.size(0) == K && dt_w.size(1) == Dn &&
+                  dt_w.size(2) == R && A.size(0) == K * Dn && B.size(2) == N && C.sizes() == B.sizes() &&
+                  B.size(3) == L && dt_r.size(3) == L && D.numel() == K * Dn && bias.numel() == K * Dn,
+              "ss2d_forward: inconsistent shapes");
+  auto out = at::zeros_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = dt_r.data_ptr<float>(), *wp = dt_w.data_ptr<float>();
+  const float *Ap = A.data_ptr<float>(), *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>();
+  const float *Dp = D.data_ptr<float>(), *biasp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = (Dn + SIMD_W - 1) / SIMD_W, n_chunks = (L + CHUNK - 1) / CHUNK;
+
+  struct Scratch {
+    ChunkInputs in;
+    std::vector<Vec> h, ybuf, w;
+    std::vector<int64_t> pix;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), std::vector<Vec>(R), std::vector<int64_t>(CHUNK)};
+  };
+  run_tasks(batch * blocks, batch * blocks * K * L * N, make_scratch, [&](int64_t task, Scratch& s) {
+    const int64_t b = task / blocks, ch0 = (task % blocks) * SIMD_W;
+    const int width_lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - ch0));
+    const float* xpix = xp + b * L * Dn + ch0;  // + p * Dn: the block's lanes at pixel p
+    float* opix = op + b * L * Dn + ch0;
+    ChunkInputs& in = s.in;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t kc0 = k * Dn + ch0;  // channel of A, D, bias
+      const std::vector<Vec> a2 = load_A(Ap + kc0 * N, N, width_lanes, LOG2E);
+      const Vec d_lane = load_param(Dp + kc0, width_lanes);
+      const Vec bias_lane = load_param(biasp + kc0, width_lanes);
+      for (int64_t r = 0; r < R; ++r) {
+        s.w[r] = Vec{};
+        for (int j = 0; j < width_lanes; ++j) s.w[r][j] = wp[(k * Dn + ch0 + j) * R + r];
+      }
+      const float* Bg = Bp + (b * K + k) * N * L;
+      const float* Cg = Cp + (b * K + k) * N * L;
+      const float* rg = rp + (b * K + k) * R * L;
+      std::fill(s.h.begin(), s.h.end(), Vec{});
+      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+        const int64_t t0 = chunk * CHUNK;
+        const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+        for (int t = 0; t < steps; ++t) {
+          const int64_t p = s.pix[t] = pixel_of(k, t0 + t, height, width, L);
+          Vec u{}, delta{};
+          if (width_lanes == SIMD_W)  // a constant size: one vector load
+            std::memcpy(&u, xpix + p * Dn, sizeof(Vec));
+          else
+            std::memcpy(&u, xpix + p * Dn, width_lanes * sizeof(float));
+          for (int64_t r = 0; r < R; ++r) delta += s.w[r] * rg[r * L + t0 + t];
+          in.u[t] = u;
+          in.x[t] = delta + bias_lane;
+          in.dt[t] = use_softplus ? softplus(in.x[t]) : in.x[t];
+          in.dtu[t] = in.dt[t] * u;
+          s.ybuf[t] = d_lane * u;
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec an = a2[n];
+          const float* Bn = Bg + n * L + t0;
+          const float* Cn = Cg + n * L + t0;
+          Vec hv = s.h[n];
+          for (int t = 0; t < steps; ++t) {
+            hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
+            s.ybuf[t] += hv * Cn[t];
+          }
+          s.h[n] = hv;
+        }
+        for (int t = 0; t < steps; ++t) {
+          float* dst = opix + s.pix[t] * Dn;
+          if (width_lanes == SIMD_W) {
+            Vec acc;
+            std::memcpy(&acc, dst, sizeof(Vec));
+            acc += s.ybuf[t];
+            std::memcpy(dst, &acc, sizeof(Vec));
+          } else {
+            for (int j = 0; j < width_lanes; ++j) dst[j] += s.ybuf[t][j];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward: (y, checkpoints)");
   m.def("backward", &backward, "selective scan backward: (gu, gdelta, gA, gB, gC, gD, gdelta_bias)");
+  m.def("ss2d_forward", &ss2d_forward, "SS2D's 2-D selective scan for inference, cross-scan and merge included");
   m.attr("chunk") = CHUNK;
 }
