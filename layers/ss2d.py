@@ -74,7 +74,12 @@ class SS2D(nn.Module):
     direction x_proj -> (dt, B, C), dt_proj; selective scan; cross-merge; LayerNorm(d_inner); * z; out_proj.
 
     Input and output: (B, H, W, C), channels last.
+
+    ``use_fused_kernel`` (class attribute, True): float32 CPU inference runs ``fused_scan``; False keeps every call
+    on ``scan`` (e.g. to count its operations).
     """
+
+    use_fused_kernel = True
 
     def __init__(
         self,
@@ -134,7 +139,7 @@ class SS2D(nn.Module):
 
     def _fused_applies(self, x):
         """The fused CPU kernel serves float32 CPU inference (no gradient needed) when the cpu backend runs."""
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        if not self.use_fused_kernel or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.x_proj_weight.requires_grad):
             return False

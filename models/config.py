@@ -84,6 +84,9 @@ class CSMConfig:
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        for name in ("ssm_branch", "acp_refine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.M % self.num_slices:
             raise ValueError(f"M={self.M} must be divisible by num_slices={self.num_slices}")
         if self.N < 2 or self.N % 2:

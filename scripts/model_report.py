@@ -5,7 +5,7 @@ MACs of convolutions, linear layers, attention and einsums are counted by PyTorc
 is a custom kernel), so it is counted by formula per call: 3 multiply-accumulates per (image, channel, state, time
 step) (decay * h, B * dt * u, C * h) plus one exp, reported separately.
 
-    python scripts/model_report.py                        # csm, csm-ref, tcm at N=64 and N=128, 768x512
+    python scripts/model_report.py                        # csm, csm-ref, csm-lite, tcm at N=64, 128; 768x512
     python scripts/model_report.py --models csm --N 128 --size 256 256
 """
 
@@ -63,8 +63,12 @@ def count_macs(model, height, width):
     """MACs per pixel of one forward pass (eval mode): by part, from the FLOP counter and the scan formula."""
     x = torch.rand(1, 3, height, width)
     pixels = height * width
-    with torch.no_grad(), FlopCounterMode(display=False) as flops, ScanCounter() as scan:
-        model(x)
+    fused, layers.ss2d.SS2D.use_fused_kernel = layers.ss2d.SS2D.use_fused_kernel, False  # every scan is counted
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as flops, ScanCounter() as scan:
+            model(x)
+    finally:
+        layers.ss2d.SS2D.use_fused_kernel = fused
     by_module = flops.get_flop_counts()
     counted = {p: sum(by_module.get(f"{type(model).__name__}.{p}", {}).values()) / 2 for p in PARTS}
     if not any(counted.values()):  # module names as reported by this torch version
@@ -84,7 +88,8 @@ def count_macs(model, height, width):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["csm", "csm-ref", "tcm"], help="presets to report")
+    parser.add_argument("--models", nargs="+", default=["csm", "csm-ref", "csm-lite", "tcm"],
+                        help="presets to report")
     parser.add_argument("--N", nargs="+", type=int, default=[64, 128], help="values of N to report (M stays 320)")
     parser.add_argument("--size", nargs=2, type=int, default=[512, 768], metavar=("H", "W"), help="input size")
     parser.add_argument("--no-macs", action="store_true", help="parameters only (fast)")

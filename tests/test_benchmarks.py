@@ -1,11 +1,15 @@
-"""scripts/bench_codec.py: one run times every model at each configuration against the last (the baseline)."""
+"""The benchmark scripts: bench_codec.py times every model against the last (the baseline); model_report.py counts
+the selective scan by formula, also where inference would take the fused kernel."""
 
 import json
 
 import numpy as np
 from PIL import Image
 
-from scripts import bench_codec
+from layers.ss2d import SS2D
+from models import build_model
+from scripts import bench_codec, model_report
+from tests.helpers import tiny_overrides
 
 
 def test_bench_codec_reports_times_and_ratios_over_the_baseline(tmp_path, capsys):
@@ -23,3 +27,11 @@ def test_bench_codec_reports_times_and_ratios_over_the_baseline(tmp_path, capsys
     assert set(models) == {"csm-lite", "tcm"} and all(m["exact"] and m["compress_s"] > 0 for m in models.values())
     ratio = entry["ratio_over_baseline"]["csm-lite"]
     assert ratio["compress"] == round(models["csm-lite"]["compress_s"] / models["tcm"]["compress_s"], 3)
+
+
+def test_model_report_counts_every_scan_and_restores_the_fused_kernel():
+    model = build_model("csm", scan_backend="cpu", **tiny_overrides("csm")).eval()
+    ss2d = sum(isinstance(m, SS2D) for m in model.modules())
+    report = model_report.count_macs(model, 64, 64)
+    assert report["scan_calls"] == ss2d > 0 and report["scan_macs_per_pixel"] > 0
+    assert SS2D.use_fused_kernel
