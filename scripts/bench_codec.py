@@ -3,7 +3,8 @@
     python scripts/bench_codec.py --image ../shared/data/kodak/kodim01.png              # N=128, M=320 and small
     python scripts/bench_codec.py --image IMG --configs 128:320 --models csm tcm --repeats 3
 
-Every model is timed against the last one named (the baseline, ``tcm`` by default): ``ratio_over_baseline``.
+Every model is timed against the last one named (the baseline, ``tcm`` by default): ``ratio_over_baseline``. The
+models take turns (one round trip each per round), so that load from elsewhere on a shared machine hits them alike.
 ``small`` builds each preset with the small widths of ``csm-small`` / ``tcm-small`` (``models.registry.SMALL``).
 
 Untrained weights: the time of an entropy coder depends only weakly on the weights (symbol counts are fixed by the
@@ -31,26 +32,45 @@ from utils.metrics import bpp_from_strings  # noqa: E402
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak" / "kodim01.png"
 
 
-def time_codec(model, x, repeats):
-    """Median compress and decompress seconds (after a warm-up) and the real bpp."""
-    model.eval().update(force=True)
+def code_once(model, x):
+    """(compress seconds, decompress seconds, compressed, decompressed) of one round trip."""
+    start = time.perf_counter()
+    enc = model.compress(x)
+    middle = time.perf_counter()
+    dec = model.decompress(enc["strings"], enc["shape"])
+    return middle - start, time.perf_counter() - middle, enc, dec
+
+
+def time_codecs(models, x, repeats):
+    """Median compress and decompress seconds of every model (after one warm-up each) and the real bpp.
+
+    The models take turns, one round trip each per round, so that a change in the machine's load while the
+    benchmark runs (a shared machine) affects them alike and their ratio stays meaningful."""
+    times = {name: ([], []) for name in models}
+    last = {}
     with torch.no_grad():
-        enc = model.compress(x)
-        model.decompress(enc["strings"], enc["shape"])
-        enc_times, dec_times = [], []
+        for model in models.values():
+            model.eval().update(force=True)
+            code_once(model, x)
         for _ in range(repeats):
-            start = time.perf_counter()
-            enc = model.compress(x)
-            enc_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            dec = model.decompress(enc["strings"], enc["shape"])
-            dec_times.append(time.perf_counter() - start)
-    return {
-        "compress_s": round(statistics.median(enc_times), 3),
-        "decompress_s": round(statistics.median(dec_times), 3),
-        "bpp_real": round(bpp_from_strings(enc["strings"], x.shape[-2] * x.shape[-1]), 4),
-        "exact": bool(torch.equal(enc["y_hat"], dec["y_hat"])),
-    }
+            for name, model in models.items():
+                enc_s, dec_s, enc, dec = code_once(model, x)
+                times[name][0].append(enc_s)
+                times[name][1].append(dec_s)
+                last[name] = enc, dec
+    results = {}
+    for name, model in models.items():
+        enc, dec = last[name]
+        results[name] = {
+            "compress_s": round(statistics.median(times[name][0]), 3),
+            "decompress_s": round(statistics.median(times[name][1]), 3),
+            "compress_runs_s": [round(t, 3) for t in times[name][0]],
+            "decompress_runs_s": [round(t, 3) for t in times[name][1]],
+            "bpp_real": round(bpp_from_strings(enc["strings"], x.shape[-2] * x.shape[-1]), 4),
+            "exact": bool(torch.equal(enc["y_hat"], dec["y_hat"])),
+            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        }
+    return results
 
 
 def main(argv=None):
@@ -61,7 +81,7 @@ def main(argv=None):
     parser.add_argument(
         "--configs", nargs="+", default=["128:320", "small"], help="N:M pairs, or 'small' for the small presets"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--scan-backend", default="auto", help="selective-scan backend")
     parser.add_argument("-o", "--output", help="also write the JSON here")
@@ -83,11 +103,12 @@ def main(argv=None):
     for spec in args.configs:
         overrides = dict(SMALL) if spec == "small" else dict(zip(("N", "M"), map(int, spec.split(":"))))
         entry = {"config": spec, "N": overrides["N"], "M": overrides["M"], "models": {}}
-        for name in args.models:
-            model = build_model(name, scan_backend=args.scan_backend, **overrides)
-            entry["models"][name] = time_codec(model, x, args.repeats)
-            entry["models"][name]["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-            print(f"{name} {spec}: {entry['models'][name]}", file=sys.stderr)
+        torch.manual_seed(0)
+        models = {name: build_model(name, scan_backend=args.scan_backend, **overrides) for name in args.models}
+        entry["models"] = time_codecs(models, x, args.repeats)
+        del models
+        for name, result in entry["models"].items():
+            print(f"{name} {spec}: {result}", file=sys.stderr)
         baseline = entry["models"][args.models[-1]]
         entry["baseline"] = args.models[-1]
         entry["ratio_over_baseline"] = {
