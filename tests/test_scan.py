@@ -212,18 +212,23 @@ def test_bad_shape_raises_value_error(index, bad, message):
         selective_scan(*inputs, backend="cpu")
 
 
-def test_cpu_forward_is_identical_across_thread_counts():
-    inputs = make_inputs(Case(2, 4, 20, 16, 300))
+def assert_same_on_any_thread_count(fn):
+    """fn() gives bit-identical results with 1, 2 and 3 threads (what decoding on another machine needs)."""
     threads = torch.get_num_threads()
     outputs = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
-                outputs.append(selective_scan(*inputs, backend="cpu"))
+                outputs.append(fn())
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_cpu_forward_is_identical_across_thread_counts():
+    inputs = make_inputs(Case(2, 4, 20, 16, 300))
+    assert_same_on_any_thread_count(lambda: selective_scan(*inputs, backend="cpu"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -346,16 +351,7 @@ def test_fused_ss2d_scan_is_identical_across_thread_counts():
     torch.manual_seed(0)
     module = SS2D(d_model=24, d_state=16, scan_backend="cpu")
     x = torch.randn(1, module.d_inner, 12, 20)
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outputs.append(module.fused_scan(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    assert_same_on_any_thread_count(lambda: module.fused_scan(x))
 
 
 def test_vss_block_trains():
