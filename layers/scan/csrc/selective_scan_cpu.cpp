@@ -287,11 +287,12 @@ class RowPrefetcher {
   std::vector<Row> rows_;
 };
 
-// A value per lane and state for a block: out[n][j] = scale * A[ch0 + j, n]; 0 in unused lanes.
-std::vector<Vec> load_A(const float* A, int64_t n_state, int width, float scale) {
-  std::vector<Vec> out(n_state, Vec{});
+// A value per lane and column for a block of rows: out[n][j] = scale * rows[j * n_cols + n] (A's states, dt_proj's
+// rank); 0 in unused lanes.
+std::vector<Vec> load_lane_table(const float* rows, int64_t n_cols, int width, float scale) {
+  std::vector<Vec> out(n_cols, Vec{});
   for (int j = 0; j < width; ++j)
-    for (int64_t n = 0; n < n_state; ++n) out[n][j] = scale * A[j * n_state + n];
+    for (int64_t n = 0; n < n_cols; ++n) out[n][j] = scale * rows[j * n_cols + n];
   return out;
 }
 
@@ -311,6 +312,11 @@ struct ChunkInputs {
             int steps) {
     load_lanes(u.data(), u_rows, length, width, steps);
     load_lanes(x.data(), delta_rows, length, width, steps);
+    derive(bias, use_softplus, steps);
+  }
+
+  // x, dt and dtu from u and delta, once u[t] and x[t] = delta[t] hold the chunk's inputs
+  void derive(Vec bias, bool use_softplus, int steps) {
     for (int t = 0; t < steps; ++t) {
       x[t] += bias;
       dt[t] = use_softplus ? softplus(x[t]) : x[t];
@@ -318,6 +324,28 @@ struct ChunkInputs {
     }
   }
 };
+
+// One chunk of the recurrence for one block: h (N lane vectors) enters as the state before the chunk and leaves as
+// the state after it; ybuf[t] += sum_n C[n, t] h_t[n]. State-major: one state row stays in a register while time
+// runs, and y is revisited once per state. after_row(n) runs after state row n (the forward's prefetching).
+template <typename AfterRow>
+inline void scan_chunk(const ChunkInputs& in, const std::vector<Vec>& a2, const float* Bg, const float* Cg,
+                       int64_t length, int64_t t0, int steps, std::vector<Vec>& h, std::vector<Vec>& ybuf,
+                       const AfterRow& after_row) {
+  const int64_t N = static_cast<int64_t>(h.size());
+  for (int64_t n = 0; n < N; ++n) {
+    const Vec an = a2[n];
+    const float* Bn = Bg + n * length + t0;
+    const float* Cn = Cg + n * length + t0;
+    Vec hv = h[n];
+    for (int t = 0; t < steps; ++t) {
+      hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
+      ybuf[t] += hv * Cn[t];
+    }
+    h[n] = hv;
+    after_row(n);
+  }
+}
 
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const c10::optional<at::Tensor>& D,
@@ -365,7 +393,7 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
     std::vector<Vec>& h = s.h;
     std::vector<Vec>& ybuf = s.ybuf;
     const Block blk(d, task / (d.groups * d.blocks), (task / d.blocks) % d.groups, task % d.blocks);
-    const std::vector<Vec> a2 = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
+    const std::vector<Vec> a2 = load_lane_table(Ap + blk.ch0 * N, N, blk.width, LOG2E);  // decay = 2^(dt * a2)
     const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
     const Vec bias_lane = load_param(biasp ? biasp + blk.ch0 : nullptr, blk.width);
     const float* Bg = Bp + (blk.b * d.groups + blk.g) * N * L;
@@ -387,19 +415,8 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
       }
       s.in.load(up + row0 + t0, dp + row0 + t0, bias_lane, use_softplus, L, blk.width, steps);
       for (int t = 0; t < steps; ++t) ybuf[t] = d_lane * in.u[t];
-      // State-major: one state row stays in a register while time runs; y is revisited once per state.
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec an = a2[n];
-        const float* Bn = Bg + n * L + t0;
-        const float* Cn = Cg + n * L + t0;
-        Vec hv = h[n];
-        for (int t = 0; t < steps; ++t) {
-          hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
-          ybuf[t] += hv * Cn[t];
-        }
-        h[n] = hv;
-        s.prefetch.issue(n, N);  // a share per state row: all at once would stall on full miss queues
-      }
+      // a share of the prefetches per state row: all at once would stall on full miss queues
+      scan_chunk(in, a2, Bg, Cg, L, t0, steps, h, ybuf, [&](int64_t n) { s.prefetch.issue(n, N); });
       store_lanes(yp + row0 + t0, ybuf.data(), L, blk.width, steps);
     }
   });
@@ -467,8 +484,8 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
     std::vector<Vec> a, a2;
     for (int64_t i = 0; i < n_blk; ++i) {
       const Block blk(d, b, g, blk0 + i);
-      const std::vector<Vec> a_i = load_A(Ap + blk.ch0 * N, N, blk.width, 1.f);
-      const std::vector<Vec> a2_i = load_A(Ap + blk.ch0 * N, N, blk.width, LOG2E);
+      const std::vector<Vec> a_i = load_lane_table(Ap + blk.ch0 * N, N, blk.width, 1.f);
+      const std::vector<Vec> a2_i = load_lane_table(Ap + blk.ch0 * N, N, blk.width, LOG2E);
       a.insert(a.end(), a_i.begin(), a_i.end());
       a2.insert(a2.end(), a2_i.begin(), a2_i.end());
     }
@@ -628,11 +645,11 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& dt_r, const at::T
 
   struct Scratch {
     ChunkInputs in;
-    std::vector<Vec> h, ybuf, w;
+    std::vector<Vec> h, ybuf;
     std::vector<int64_t> pix;
   };
   const auto make_scratch = [&] {
-    return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), std::vector<Vec>(R), std::vector<int64_t>(CHUNK)};
+    return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), std::vector<int64_t>(CHUNK)};
   };
   run_tasks(batch * blocks, batch * blocks * K * L * N, make_scratch, [&](int64_t task, Scratch& s) {
     const int64_t b = task / blocks, ch0 = (task % blocks) * SIMD_W;
@@ -641,14 +658,11 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& dt_r, const at::T
     float* opix = op + b * L * Dn + ch0;
     ChunkInputs& in = s.in;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t kc0 = k * Dn + ch0;  // channel of A, D, bias
-      const std::vector<Vec> a2 = load_A(Ap + kc0 * N, N, width_lanes, LOG2E);
+      const int64_t kc0 = k * Dn + ch0;  // row of A, D, bias and dt_proj
+      const std::vector<Vec> a2 = load_lane_table(Ap + kc0 * N, N, width_lanes, LOG2E);
       const Vec d_lane = load_param(Dp + kc0, width_lanes);
       const Vec bias_lane = load_param(biasp + kc0, width_lanes);
-      for (int64_t r = 0; r < R; ++r) {
-        s.w[r] = Vec{};
-        for (int j = 0; j < width_lanes; ++j) s.w[r][j] = wp[(k * Dn + ch0 + j) * R + r];
-      }
+      const std::vector<Vec> w = load_lane_table(wp + kc0 * R, R, width_lanes, 1.f);  // dt_proj, per rank
       const float* Bg = Bp + (b * K + k) * N * L;
       const float* Cg = Cp + (b * K + k) * N * L;
       const float* rg = rp + (b * K + k) * R * L;
@@ -663,24 +677,13 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& dt_r, const at::T
             std::memcpy(&u, xpix + p * Dn, sizeof(Vec));
           else
             std::memcpy(&u, xpix + p * Dn, width_lanes * sizeof(float));
-          for (int64_t r = 0; r < R; ++r) delta += s.w[r] * rg[r * L + t0 + t];
+          for (int64_t r = 0; r < R; ++r) delta += w[r] * rg[r * L + t0 + t];
           in.u[t] = u;
-          in.x[t] = delta + bias_lane;
-          in.dt[t] = use_softplus ? softplus(in.x[t]) : in.x[t];
-          in.dtu[t] = in.dt[t] * u;
+          in.x[t] = delta;
           s.ybuf[t] = d_lane * u;
         }
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec an = a2[n];
-          const float* Bn = Bg + n * L + t0;
-          const float* Cn = Cg + n * L + t0;
-          Vec hv = s.h[n];
-          for (int t = 0; t < steps; ++t) {
-            hv = exp2v(in.dt[t] * an) * hv + in.dtu[t] * Bn[t];
-            s.ybuf[t] += hv * Cn[t];
-          }
-          s.h[n] = hv;
-        }
+        in.derive(bias_lane, use_softplus, steps);
+        scan_chunk(in, a2, Bg, Cg, L, t0, steps, s.h, s.ybuf, [](int64_t) {});
         for (int t = 0; t < steps; ++t) {
           float* dst = opix + s.pix[t] * Dn;
           if (width_lanes == SIMD_W) {
