@@ -87,24 +87,14 @@ def setup(args, checkpoint):
 
 def encode(args):
     codec_io, model, device = setup(args, checkpoint_path(args))
-    import torch
-
     from utils.image import atomic_write, save_image
     from utils.metrics import bpp_from_strings, psnr_8bit
 
     x, note = codec_io.read_image(args.input, model, args.max_memory_gb, device)
     if note:
         print(f"note: {args.input}: {note}; the decoded PNG will be 8-bit RGB", file=sys.stderr)
-    start = time.perf_counter()
-    compressed, y_hat = codec_io.encode(model, x)
-    data = bitstream.pack(compressed)
-    encode_s = time.perf_counter() - start
     # The reconstruction is decoded from the file's bytes, as a decoder will see them.
-    start = time.perf_counter()
-    x_hat, y_hat_decoded = codec_io.decode(model, bitstream.unpack(data))
-    decode_s = time.perf_counter() - start
-    if not torch.equal(y_hat_decoded, y_hat):
-        raise codec_io.CodecError("internal error: decoding the file does not reproduce the encoder's latents")
+    compressed, data, x_hat, y_hat, encode_s, decode_s = codec_io.round_trip(model, x)
 
     with atomic_write(args.output) as tmp:
         tmp.write_bytes(data)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from codec import DEFAULT_CHECKPOINT
-from utils import bitstream, codec_io
+from utils import codec_io
 from utils.image import save_image, to_pil, to_tensor
 from utils.metrics import bpp_from_strings, psnr_8bit
 
@@ -75,13 +75,7 @@ def main(argv=None):
     pixels = height * width
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    start = time.perf_counter()
-    compressed, _ = codec_io.encode(model, x)
-    data = bitstream.pack(compressed)
-    encode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    x_hat, _ = codec_io.decode(model, bitstream.unpack(data))
-    decode_s = time.perf_counter() - start
+    _, data, x_hat, _, encode_s, decode_s = codec_io.round_trip(model, x)
     (args.out_dir / "image.csm").write_bytes(data)
     save_image(x_hat, args.out_dir / "image_csm.png")
 

@@ -11,9 +11,11 @@ bit for bit.
 import hashlib
 import json
 import os
+import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from layers.scan import ScanBackendError, resolve_backend
 from models import PAD_MULTIPLE, CheckpointError, load_checkpoint
-from utils.bitstream import MAX_SIDE, MODEL_ID_BYTES, CompressedImage
+from utils.bitstream import MAX_SIDE, MODEL_ID_BYTES, CompressedImage, pack, unpack
 from utils.image import ImageReadError, atomic_write, crop_center, load_image_with_note, pad_center
 
 # The coding modes a file can name (its header's mode byte): how the decoder computes the entropy parameters.
@@ -263,6 +265,29 @@ def decode(model, compressed):
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise CodecError(f"corrupt y stream: {' '.join(str(exc).split())}") from None
     return crop_center(out["x_hat"], compressed.padding), out["y_hat"]
+
+
+class RoundTrip(NamedTuple):
+    compressed: CompressedImage
+    data: bytes  # the .csm file
+    x_hat: torch.Tensor  # (1, 3, H, W), decoded from ``data``
+    y_hat: torch.Tensor  # the encoder's
+    encode_s: float  # compress + pack
+    decode_s: float  # unpack + decompress
+
+
+def round_trip(model, x):
+    """Encode x to the file's bytes and decode those bytes, as a decoder will see them, timing both halves.
+    Raises ``CodecError`` if decoding the file does not reproduce the encoder's latents."""
+    start = time.perf_counter()
+    compressed, y_hat = encode(model, x)
+    data = pack(compressed)
+    middle = time.perf_counter()
+    x_hat, y_hat_decoded = decode(model, unpack(data))
+    decode_s = time.perf_counter() - middle
+    if not torch.equal(y_hat_decoded, y_hat):
+        raise CodecError("internal error: decoding the file does not reproduce the encoder's latents")
+    return RoundTrip(compressed, data, x_hat, y_hat, middle - start, decode_s)
 
 
 def save_array(array, path):
