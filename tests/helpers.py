@@ -1,8 +1,10 @@
-"""Shared test fixtures' data: where the read-only shared data lives, and tiny model configurations."""
+"""Shared test fixtures' data: where the read-only shared data lives, tiny model configurations, thread counts."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -23,3 +25,15 @@ def shared_data(*parts):
     if not path.exists():
         pytest.skip(f"shared data not available: {path}")
     return path
+
+
+@contextmanager
+def torch_threads(count):
+    """torch's CPU thread count set to ``count`` inside the block, restored after it. Tests of small tensors run on
+    one: on a shared 2-core machine OpenMP's threads wait on each other at every op, several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

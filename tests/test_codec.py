@@ -19,6 +19,7 @@ from PIL import Image
 import codec
 from models import build_model, save_checkpoint
 from utils import bitstream, codec_io
+from tests.helpers import torch_threads
 from utils.bitstream import BitstreamError, CompressedImage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +50,9 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """In-process coding on one thread: on a shared 2-core machine, OpenMP's waiting makes two 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """In-process coding on one thread (``torch_threads``)."""
+    with torch_threads(1):
+        yield
 
 
 def tiny_model(seed):

@@ -20,6 +20,7 @@ from models import build_model, save_checkpoint
 from utils.evaluation import PeakMemory, evaluate_model, format_table, measure_image, results_document, summarize
 from utils.image import load_image, pad_center
 from utils.metrics import bpp_from_likelihoods, bpp_from_strings, psnr_8bit
+from tests.helpers import torch_threads
 from utils.rd import load_rd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +42,9 @@ def tiny_model(seed: int, rate_gain: float = 1.0):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One torch thread: with the few shared cores of CI, more threads thrash instead of helping."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One torch thread (``torch_threads``)."""
+    with torch_threads(1):
+        yield
 
 
 def run_eval(*args, cwd):

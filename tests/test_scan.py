@@ -4,7 +4,6 @@ Every case is computed once with ``selective_scan_ref`` (module-level cache) and
 output and in the gradient of every input. Error metric: max |a - b| / max |b| (b the reference) <= 1e-5.
 """
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from layers.scan import ENV_VAR, ScanBackendError, resolve_backend, selective_scan, selective_scan_ref
 from layers.scan.torch_impl import SelectiveScanTorch
 from layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan, to_scan_order
+from tests.helpers import torch_threads
 
 TOL = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -79,16 +79,10 @@ def make_inputs(case, seed=0):
     return [u, delta, A, B, C, D, bias]
 
 
-@contextlib.contextmanager
 def one_thread():
-    """Run tiny tensor ops on one thread: the reference loop and small models gain nothing from a second one, and
-    lose a lot when the machine is busy (OpenMP threads wait on each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    """Tiny tensor ops on one thread (``torch_threads``): the reference loop and small models gain nothing from a
+    second one."""
+    return torch_threads(1)
 
 
 def run_scan(inputs, grad_out, softplus, backend, device="cpu"):
@@ -214,15 +208,10 @@ def test_bad_shape_raises_value_error(index, bad, message):
 
 def assert_same_on_any_thread_count(fn):
     """fn() gives bit-identical results with 1, 2 and 3 threads (what decoding on another machine needs)."""
-    threads = torch.get_num_threads()
     outputs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outputs.append(fn())
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2, 3):
+        with torch_threads(n), torch.no_grad():
+            outputs.append(fn())
     assert all(torch.equal(outputs[0], y) for y in outputs[1:])
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import train
 from models import build_model, load_checkpoint, read_checkpoint, save_checkpoint
-from tests.helpers import REPO, TINY, shared_data
+from tests.helpers import REPO, TINY, shared_data, torch_threads
 from utils.data import EpochSampler, PatchDataset, resolve_dataset_folders, usable_images
 from utils.training import RateDistortionLoss
 
@@ -34,10 +34,8 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignor
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
