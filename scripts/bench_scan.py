@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from layers.scan import ScanBackendError, selective_scan, selective_scan_ref  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
+from utils.evaluation import proc_status_kib, reset_peak_rss  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
 FORWARD_ONLY_LENGTHS = (98304,)
@@ -119,10 +120,7 @@ class PeakMemory:
 
     @staticmethod
     def _status(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
+        return proc_status_kib(field) * 1024
 
     def __enter__(self):
         if self.device == "cuda":
@@ -133,7 +131,7 @@ class PeakMemory:
             gc.collect()
             release_free_heap()
             self.start = self._status("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak_rss()
         return self
 
     def __exit__(self, *exc):
@@ -150,7 +148,7 @@ def memory_supported(device):
     try:
         PeakMemory._status("VmHWM")
         return os.access("/proc/self/clear_refs", os.W_OK)
-    except (OSError, RuntimeError):
+    except OSError:
         return False
 
 

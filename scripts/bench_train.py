@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
+from utils.evaluation import synchronize  # noqa: E402
 from utils.training import AMP_DTYPES, RateDistortionLoss, configure_optimizers, train_step  # noqa: E402
 
 # (preset, overrides, timed steps on the CPU): the paper's model is slow on a CPU, so it gets fewer steps.
@@ -47,11 +48,6 @@ def parse_args(argv=None):
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda was given but no CUDA GPU is available")
     return args
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench(preset, overrides, steps, args, device):

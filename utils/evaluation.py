@@ -125,7 +125,8 @@ def timed(fn, device: torch.device):
     return result, time.perf_counter() - start
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), KiB; OSError where there is none."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -133,7 +134,7 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     # Linux >= 4.0: "5" resets the peak RSS (VmHWM) of this process to its current RSS.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -155,8 +156,8 @@ class PeakMemory:
                                 "model weights included), MiB")
             return
         try:
-            _reset_peak_rss()
-            _proc_status_kib("VmHWM")
+            reset_peak_rss()
+            proc_status_kib("VmHWM")
             self.description = ("CPU peak resident set size increase during the step (VmHWM after - VmRSS before, "
                                 "peak reset through /proc/self/clear_refs; model weights excluded), MiB")
         except OSError:
@@ -169,15 +170,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _reset_peak_rss()
-            self._rss_before = _proc_status_kib("VmRSS")
+            reset_peak_rss()
+            self._rss_before = proc_status_kib("VmRSS")
 
     def stop(self) -> float | None:
         if self.device is None:
             return None
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / MIB
-        return (_proc_status_kib("VmHWM") - self._rss_before) * 1024 / MIB
+        return (proc_status_kib("VmHWM") - self._rss_before) * 1024 / MIB
 
 
 def _measured(fn, device, memory):
