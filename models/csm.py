@@ -19,6 +19,7 @@ from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 
 from entropy import ChannelAutoregressiveEntropyModel
+from layers.conv import use_winograd
 from layers.srb import ReleasedConvSwinBlock, ReleasedConvVSSBlock, StateSpaceResidualBlock
 from layers.ss2d import SS2D, VSSBlock
 from layers.swin import ConvTransBlock, SwinPair
@@ -98,6 +99,9 @@ class CSM(CompressionModel):
             context_dim=cfg.context_dim,
             hidden=cfg.cc_hidden,
         )
+        # CPU inference computes the 3x3 convolutions by Winograd's algorithm (layers.conv); parameters, keys and
+        # training are unchanged.
+        use_winograd(self)
 
     # --- construction -------------------------------------------------------------------------------------------
     def _srb(self, channels):

@@ -1,0 +1,108 @@
+"""Winograd 3x3 convolutions for CPU inference (layers.conv)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import conv as wconv
+from layers.conv import WinogradConv2d, use_winograd, winograd_applies, winograd_available
+from models import build_model
+
+needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="this PyTorch has no NNPACK")
+
+
+def winograd_conv(cin, cout, bias=True):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+    assert use_winograd(conv) == 1
+    return conv
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Counts the calls of NNPACK's convolution."""
+    calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
+    return calls
+
+
+@needs_nnpack
+@pytest.mark.parametrize(
+    "shape, cout, bias",
+    [((1, 64, 40, 48), 32, True), ((2, 24, 33, 35), 40, False), ((1, 3, 64, 64), 12, True)],
+)
+def test_winograd_matches_direct_convolution(nnpack_calls, shape, cout, bias):
+    conv = winograd_conv(shape[1], cout, bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        out = conv(x)
+        reference = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), 1, 1)
+    assert len(nnpack_calls) == 1
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    error = (out.double() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4, error
+
+
+@needs_nnpack
+def test_winograd_takes_non_contiguous_input_and_repeats_exactly(nnpack_calls):
+    conv = winograd_conv(32, 32)
+    x = torch.randn(1, 32, 48, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first, second = conv(x), conv(x[:, :, :, :].clone())
+        direct = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+    assert len(nnpack_calls) == 2
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, direct, rtol=0, atol=1e-4 * direct.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["grad", "float64", "small", "disabled"])
+def test_direct_convolution_where_winograd_does_not_apply(nnpack_calls, monkeypatch, case):
+    conv = winograd_conv(16, 16)
+    x = torch.randn(1, 16, 40, 40)
+    if case == "float64":
+        conv.double()
+        x = x.double()
+    if case == "small":
+        x = x[..., :16, :16]
+    if case == "disabled":
+        monkeypatch.setattr(WinogradConv2d, "enabled", False)
+    with torch.set_grad_enabled(case == "grad"):
+        out = conv(x)
+        direct = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+    assert not nnpack_calls
+    assert not winograd_applies(x, conv.weight)
+    assert torch.equal(out, direct)
+    if case == "grad":
+        out.sum().backward()
+        assert conv.weight.grad is not None
+
+
+def test_use_winograd_converts_only_plain_3x3_stride_1_convolutions():
+    module = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(8, 8, 5, padding=2),
+    )
+    keys = set(module.state_dict())
+    assert use_winograd(module) == 1
+    assert [type(m) is WinogradConv2d for m in module] == [True] + [False] * 6
+    assert set(module.state_dict()) == keys
+    assert use_winograd(module) == 0  # already converted
+
+
+@pytest.mark.parametrize("name", ["csm-small", "tcm-small"])
+def test_models_use_winograd(name):
+    model = build_model(name)
+    converted = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    assert converted and not [m for m in model.modules() if wconv.eligible(m)]
