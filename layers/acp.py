@@ -31,7 +31,7 @@ class ChannelScore(nn.Module):
 
     def refine(self, x):
         """``x' = x + net(x)`` (``x`` itself without refinement): (B, C, H, W)."""
-        return x if self.net is None else x + self.net(x)
+        return x if self.net is None else self.net(x).add_(x)
 
     def scores(self, x_refined):
         """``s``: (B, C, 1, 1) in (0, 1)."""
@@ -73,13 +73,34 @@ class AdaptiveChannelPartition(nn.Module):
         self.score = ChannelScore(channels, refine) if mode != "none" else None
         self.mix = conv1x1(channels, channels)
 
+    def scored(self, x):
+        """The refined map ``x'`` (B, C, H, W), before the score is applied, and the scores ``s`` (B, C); in mode
+        ``none``, ``x`` itself and None."""
+        if self.score is None:
+            return x, None
+        x = self.score.refine(x)
+        return x, self.score.scores(x).flatten(1)
+
     def features(self, x):
         """The mixed map (B, C, H, W) and the channel scores (B, C), or None in mode ``none``."""
-        if self.score is None:
-            return self.mix(x), None
-        x = self.score.refine(x)
-        s = self.score.scores(x)
-        return self.mix(x * s), s.flatten(1)
+        x, s = self.scored(x)
+        return self.mix(x if s is None else x * s[:, :, None, None]), s
+
+    def order(self, scores):
+        """The (B, C) channel order of ``route`` in mode ``adaptive``; None (the fixed split) otherwise."""
+        return self.route(scores) if self.mode == "adaptive" else None
+
+    def folded_mix(self, scores, order):
+        """The 1x1 mix of one image with its score and routing folded in: ``(weight (C, C), bias (C,))`` whose first
+        ``C_local`` rows give ``forward``'s ``x_local`` from the refined map ``x'`` and the others its ``x_ssm``
+        (``mix(x' * s)`` with its output channels put in ``order``). ``scores``: (C,) or None; ``order``: (C,) or
+        None."""
+        weight, bias = self.mix.weight.flatten(1), self.mix.bias
+        if scores is not None:
+            weight = weight * scores[None, :]
+        if order is not None:
+            weight, bias = weight[order], bias[order]
+        return weight, bias
 
     def route(self, scores):
         """The per-image channel order: (B, C) long, the CNN branch's channels first, each part ascending."""
@@ -91,7 +112,7 @@ class AdaptiveChannelPartition(nn.Module):
     def forward(self, x):
         """x: (B, C, H, W) -> (x_local, x_ssm, routing); routing is the (B, C) order of ``route``, or None (fixed)."""
         mixed, scores = self.features(x)
-        routing = self.route(scores) if self.mode == "adaptive" else None
+        routing = self.order(scores)
         if routing is not None:
             mixed = _select_channels(mixed, routing)
         x_local, x_ssm = mixed.split((self.local_channels, self.channels - self.local_channels), dim=1)

@@ -31,7 +31,7 @@ class ConvResidualBlock(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x):
-        return x + self.body(x)
+        return self.body(x).add_(x)
 
 
 class StateSpaceResidualBlock(nn.Module):
@@ -91,9 +91,52 @@ class StateSpaceResidualBlock(nn.Module):
         self.fusion = conv1x1(channels, channels) if fusion == "conv1x1" else ConvResidualBlock(channels)
 
     def forward(self, x):
+        if self._folds(x):
+            return torch.cat([self._forward_folded(image[None]) for image in x]) if x.shape[0] > 1 else (
+                self._forward_folded(x)
+            )
         x_local, x_ssm, routing = self.acp(x)
         y = self.acp.merge(self.cnn_branch(x_local), self.ssm_branch(x_ssm), routing)
-        return x + self.fusion(y)
+        return self.fusion(y).add_(x)
+
+    def _folds(self, x):
+        """Whether ``forward`` takes the folded path: CPU inference (no gradient, no autocast) with the 1x1 fusion."""
+        return (
+            x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and isinstance(self.fusion, nn.Conv2d)
+        )
+
+    def _forward_folded(self, x):
+        """``forward`` for one image (1, C, H, W) with the ACP's score and routing folded into the 1x1 mix weights
+        and the merge into the fusion's, so that no scaled, permuted or concatenated copy of the map is made; the VSS
+        branch gets its pixels as rows directly (no layout copies). Same function as the unfolded path, float
+        rounding aside."""
+        _, channels, height, width = x.shape
+        acp = self.acp
+        local_channels = acp.local_channels
+        refined, scores = acp.scored(x)
+        scores = None if scores is None else scores[0]
+        order = None if scores is None else acp.order(scores[None])
+        order = None if order is None else order[0]
+        mix_weight, mix_bias = acp.folded_mix(scores, order)
+        pixels = refined.reshape(channels, height * width)  # (C, HW)
+        x_local = torch.addmm(mix_bias[:local_channels, None], mix_weight[:local_channels], pixels)
+        y_local = self.cnn_branch(x_local.view(1, local_channels, height, width))
+        if isinstance(self.ssm_branch, VSSBlock):  # rows = pixels, channels last, as the VSS block works
+            rows = torch.addmm(mix_bias[local_channels:], pixels.t(), mix_weight[local_channels:].t())
+            y_ssm = self.ssm_branch.forward_rows(rows.view(1, height, width, -1)).view(height * width, -1).t()
+        else:
+            x_ssm = torch.addmm(mix_bias[local_channels:, None], mix_weight[local_channels:], pixels)
+            y_ssm = self.ssm_branch(x_ssm.view(1, -1, height, width)).view(-1, height * width)
+        fusion_weight = self.fusion.weight.flatten(1)
+        if order is not None:
+            fusion_weight = fusion_weight[:, order]
+        y_local = y_local.view(local_channels, -1)
+        out = torch.addmm(self.fusion.bias[:, None], fusion_weight[:, :local_channels], y_local)
+        out.addmm_(fusion_weight[:, local_channels:], y_ssm)
+        return out.view(1, channels, height, width).add_(x)
 
 
 class ReleasedConvVSSBlock(nn.Module):

@@ -138,10 +138,12 @@ class SS2D(nn.Module):
         return cross_merge(ys.view(batch, self.directions, self.d_inner, length), height, width)
 
     def _fused_applies(self, x):
-        """The fused CPU kernel serves float32 CPU inference (no gradient needed) when the cpu backend runs."""
+        """The fused CPU kernel serves float32 CPU inference (no gradient needed, no autocast) with the cpu backend."""
         if not self.use_fused_kernel or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.x_proj_weight.requires_grad):
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return resolve_backend(x.device, self.scan_backend) == "cpu"
 
@@ -172,14 +174,21 @@ class SS2D(nn.Module):
         return y.view(batch, height, width, self.d_inner)
 
     def forward(self, x):
+        """(B, H, W, d_model) -> (B, H, W, d_model)."""
+        if self._fused_applies(x):
+            return self._forward_fused(x)
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        z = F.silu(z)
-        x = x.permute(0, 3, 1, 2)
-        if self._fused_applies(x):  # channels last throughout: no layout copies around the scan
-            y = self.fused_scan(F.silu(self.conv2d(x.contiguous(memory_format=torch.channels_last))))
-        else:
-            y = self.scan(F.silu(self.conv2d(x))).to(z.dtype).permute(0, 2, 3, 1)
-        return self.out_proj(self.out_norm(y) * z)
+        y = self.scan(F.silu(self.conv2d(x.permute(0, 3, 1, 2)))).to(z.dtype).permute(0, 2, 3, 1)
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+    def _forward_fused(self, x):
+        """``forward`` for CPU inference with the fused scan kernel, channels last throughout (no layout copies): the
+        in-projection's two halves as two products (each contiguous), activations and the gate in place."""
+        weight = self.in_proj.weight
+        u = F.linear(x, weight[: self.d_inner]).permute(0, 3, 1, 2)  # (B, d_inner, H, W), channels_last
+        z = F.silu(F.linear(x, weight[self.d_inner :]), inplace=True)
+        y = self.fused_scan(F.silu(self.conv2d(u), inplace=True))
+        return self.out_proj(self.out_norm(y).mul_(z))
 
 
 class DropPath(nn.Module):
@@ -239,8 +248,11 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = None
 
     def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.op(self.norm(x)))
+        return self.forward_rows(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+    def forward_rows(self, x):
+        """The block on channels-last input (B, H, W, C) -> (B, H, W, C)."""
+        x = self.drop_path(self.op(self.norm(x))).add_(x)
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x.permute(0, 3, 1, 2).contiguous()
+            x = self.drop_path(self.mlp(self.norm2(x))).add_(x)
+        return x

@@ -137,8 +137,8 @@ class SwinBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(input_dim, 4 * input_dim), nn.GELU(), nn.Linear(4 * input_dim, output_dim))
 
     def forward(self, x):
-        x = x + self.drop_path(self.msa(self.ln1(x)))
-        return x + self.drop_path(self.mlp(self.ln2(x)))
+        x = self.drop_path(self.msa(self.ln1(x))).add_(x)
+        return self.drop_path(self.mlp(self.ln2(x))).add_(x)
 
 
 class ConvTransBlock(nn.Module):
@@ -158,14 +158,24 @@ class ConvTransBlock(nn.Module):
         self.conv_block = ResidualBlock(conv_dim, conv_dim)
 
     def branches(self, x):
-        """The two branches and the output 1x1 conv on an already 1x1-mixed map: the block minus its skip."""
+        """The two branches and the output 1x1 conv on an already 1x1-mixed map: the block minus its skip.
+
+        In CPU inference on one image the concatenation is folded into ``conv1_2`` (one matrix product per branch,
+        the Swin branch's pixels taken as rows), as the SRB folds its merge into its fusion."""
+        batch, _, height, width = x.shape
         a, b = torch.split(x, (self.conv_dim, self.trans_dim), dim=1)
-        a = self.conv_block(a) + a
-        b = self.trans_block(b.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv1_2(torch.cat((a, b), dim=1))
+        a = self.conv_block(a).add_(a)
+        b = self.trans_block(b.permute(0, 2, 3, 1))  # (B, H, W, trans_dim)
+        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        if batch == 1 and x.device.type == "cpu" and inference:
+            weight = self.conv1_2.weight.flatten(1)
+            out = torch.addmm(self.conv1_2.bias[:, None], weight[:, : self.conv_dim], a.reshape(self.conv_dim, -1))
+            out.addmm_(weight[:, self.conv_dim :], b.reshape(-1, self.trans_dim).t())
+            return out.view(1, -1, height, width)
+        return self.conv1_2(torch.cat((a, b.permute(0, 3, 1, 2)), dim=1))
 
     def forward(self, x):
-        return x + self.branches(self.conv1_1(x))
+        return self.branches(self.conv1_1(x)).add_(x)
 
 
 class SwinPair(nn.Module):

@@ -247,3 +247,34 @@ def test_released_swin_block_applies_conv1_1_twice(with_score):
             block.conv1_1.bias.zero_()
             tcm.load_state_dict(block.state_dict())
             torch.testing.assert_close(block(x), tcm(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"acp": "static"}, {"acp": "none"}, {"ssm_branch": False}, {"acp_refine": False, "cnn_depth": 2,
+     "mlp_ratio": 0.0}, {"scan_directions": 2, "ratio": 0.25}],
+)
+def test_srb_folded_inference_path_is_the_same_function(kwargs, monkeypatch):
+    """CPU inference folds the score and routing into the 1x1 mix and the merge into the fusion: same outputs as the
+    unfolded path (taken when a gradient is needed), image by image with each image's own routing."""
+    block = srb(**kwargs).eval()
+    x = images(32, size=12)
+    folded = []
+    real = block._forward_folded
+    monkeypatch.setattr(block, "_forward_folded", lambda image: folded.append(image.shape) or real(image))
+    with torch.no_grad():
+        fast = block(x)
+    with torch.enable_grad():
+        reference = block(x)
+    assert folded == [(1, 32, 12, 12)] * 2 and reference.requires_grad
+    torch.testing.assert_close(fast, reference.detach(), rtol=1e-5, atol=1e-5)
+    if block.acp.mode == "adaptive":
+        with torch.no_grad():
+            routing = block.acp(x)[2]
+        assert not torch.equal(routing[0], routing[1])  # the two images really route differently
+
+
+def test_srb_with_residual_fusion_does_not_fold():
+    block = srb(fusion="residual").eval()
+    with torch.no_grad():
+        assert not block._folds(images(32))

@@ -165,6 +165,24 @@ def test_conv_trans_block_matches_tcm_formula():
         torch.testing.assert_close(block(x), x + block.conv1_2(torch.cat((a, b), 1)))
 
 
+def test_conv_trans_block_one_image_inference_folds_the_concatenation():
+    """On one image without gradient, conv1_2 runs as one product per branch instead of on the concatenation: the
+    same outputs as the path taken when a gradient is needed."""
+    torch.manual_seed(0)
+    block = ConvTransBlock(16, 24, 8, 4, 0.0, "W")
+    x = torch.randn(1, 40, 12, 10)
+    calls = []
+    real = block.conv1_2.forward
+    block.conv1_2.forward = lambda t: calls.append(t.shape) or real(t)
+    with torch.no_grad():
+        folded = block(x)
+    assert not calls
+    with torch.enable_grad():
+        reference = block(x)
+    assert calls == [(1, 40, 12, 10)]
+    torch.testing.assert_close(folded, reference.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_swin_pair_is_w_then_sw():
     torch.manual_seed(0)
     pair = SwinPair(16, 8, 4)
