@@ -13,6 +13,7 @@ image size), so this measures the architecture. Times are seconds, medians over 
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from layers.conv import winograd_available  # noqa: E402
 from layers.scan import resolve_backend  # noqa: E402
 from models import build_model  # noqa: E402
 from models.registry import SMALL  # noqa: E402
@@ -98,6 +100,8 @@ def main(argv=None):
         "scan_backend": resolve_backend("cpu", args.scan_backend),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "winograd_convolutions": winograd_available(),
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_MEM_ALLOC"))},
         "configs": [],
     }
     for spec in args.configs:

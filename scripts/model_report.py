@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import layers.ss2d  # noqa: E402
+from layers.conv import WinogradConv2d  # noqa: E402
 from models import build_model  # noqa: E402
 
 PARTS = ("g_a", "g_s", "h_a", "h_mean_s", "h_scale_s", "entropy_model", "entropy_bottleneck")
@@ -63,12 +64,16 @@ def count_macs(model, height, width):
     """MACs per pixel of one forward pass (eval mode): by part, from the FLOP counter and the scan formula."""
     x = torch.rand(1, 3, height, width)
     pixels = height * width
-    fused, layers.ss2d.SS2D.use_fused_kernel = layers.ss2d.SS2D.use_fused_kernel, False  # every scan is counted
+    # Direct convolutions and unfused scans: FLOP counters see neither NNPACK's Winograd convolution nor the fused
+    # SS2D kernel (the multiply-adds reported are the layers', not Winograd's fewer multiplications).
+    fused, layers.ss2d.SS2D.use_fused_kernel = layers.ss2d.SS2D.use_fused_kernel, False
+    winograd, WinogradConv2d.enabled = WinogradConv2d.enabled, False
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as flops, ScanCounter() as scan:
             model(x)
     finally:
         layers.ss2d.SS2D.use_fused_kernel = fused
+        WinogradConv2d.enabled = winograd
     by_module = flops.get_flop_counts()
     counted = {p: sum(by_module.get(f"{type(model).__name__}.{p}", {}).values()) / 2 for p in PARTS}
     if not any(counted.values()):  # module names as reported by this torch version

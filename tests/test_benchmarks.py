@@ -4,8 +4,10 @@ the selective scan by formula, also where inference would take the fused kernel.
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
+from layers.conv import WinogradConv2d
 from layers.ss2d import SS2D
 from models import build_model
 from scripts import bench_codec, model_report
@@ -25,6 +27,7 @@ def test_bench_codec_reports_times_and_ratios_over_the_baseline(tmp_path, capsys
     assert (entry["config"], entry["N"], entry["M"], entry["baseline"]) == ("small", 32, 128, "tcm")
     models = entry["models"]
     assert set(models) == {"csm-lite", "tcm"} and all(m["exact"] and m["compress_s"] > 0 for m in models.values())
+    assert report["winograd_convolutions"] in (True, False) and isinstance(report["allocator_env"], dict)
     ratio = entry["ratio_over_baseline"]["csm-lite"]
     assert ratio["compress"] == round(models["csm-lite"]["compress_s"] / models["tcm"]["compress_s"], 3)
 
@@ -34,4 +37,8 @@ def test_model_report_counts_every_scan_and_restores_the_fused_kernel():
     ss2d = sum(isinstance(m, SS2D) for m in model.modules())
     report = model_report.count_macs(model, 64, 64)
     assert report["scan_calls"] == ss2d > 0 and report["scan_macs_per_pixel"] > 0
-    assert SS2D.use_fused_kernel
+    assert SS2D.use_fused_kernel and WinogradConv2d.enabled
+    for conv in model.modules():  # plain convolutions again: the count must not change (Winograd's is invisible)
+        if isinstance(conv, WinogradConv2d):
+            conv.__class__ = torch.nn.Conv2d
+    assert model_report.count_macs(model, 64, 64) == report
