@@ -135,7 +135,7 @@ class StateSpaceResidualBlock(nn.Module):
             fusion_weight = fusion_weight[:, order]
         y_local = y_local.view(local_channels, -1)
         out = torch.addmm(self.fusion.bias[:, None], fusion_weight[:, :local_channels], y_local)
-        out.addmm_(fusion_weight[:, local_channels:], y_ssm)
+        torch.addmm(out, fusion_weight[:, local_channels:], y_ssm, out=out)  # in place, seen by FLOP counters
         return out.view(1, channels, height, width).add_(x)
 
 

@@ -170,7 +170,7 @@ class ConvTransBlock(nn.Module):
         if batch == 1 and x.device.type == "cpu" and inference:
             weight = self.conv1_2.weight.flatten(1)
             out = torch.addmm(self.conv1_2.bias[:, None], weight[:, : self.conv_dim], a.reshape(self.conv_dim, -1))
-            out.addmm_(weight[:, self.conv_dim :], b.reshape(-1, self.trans_dim).t())
+            torch.addmm(out, weight[:, self.conv_dim :], b.reshape(-1, self.trans_dim).t(), out=out)  # in place
             return out.view(1, -1, height, width)
         return self.conv1_2(torch.cat((a, b.permute(0, 3, 1, 2)), dim=1))
 

@@ -4,8 +4,10 @@ the selective scan by formula, also where inference would take the fused kernel.
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from layers.conv import WinogradConv2d
 from layers.ss2d import SS2D
@@ -42,3 +44,13 @@ def test_model_report_counts_every_scan_and_restores_the_fused_kernel():
         if isinstance(conv, WinogradConv2d):
             conv.__class__ = torch.nn.Conv2d
     assert model_report.count_macs(model, 64, 64) == report
+
+
+@pytest.mark.parametrize("name", ["csm", "tcm"])
+def test_model_report_counts_inference_as_the_training_path(name):
+    """The inference paths (folded SRB and TCM block, Winograd, fused scan) are counted as the layers they compute."""
+    model = build_model(name, scan_backend="cpu", **tiny_overrides(name)).eval()
+    report = model_report.count_macs(model, 64, 64)
+    with torch.enable_grad(), FlopCounterMode(display=False) as flops:
+        model(torch.rand(1, 3, 64, 64))
+    assert report["macs_per_pixel_counted"] == round(flops.get_total_flops() / 2 / (64 * 64), 1)
