@@ -40,7 +40,8 @@ class StateSpaceResidualBlock(nn.Module):
     ``x_local, x_ssm = ACP(x)``; the CNN branch (``ConvResidualBlock``) on ``x_local``; the VSS branch
     (``VSSBlock``) on ``x_ssm``, or with ``ssm_branch=False`` a second ``ConvResidualBlock`` (the "CNN only"
     ablation); ``y = ACP.merge(...)`` back in original channel order; ``out = x + fusion(y)`` with fusion a 1x1 conv
-    (``conv1x1``, the released code's) or the figure's ``ConvResidualBlock`` (``residual``).
+    (``conv1x1``, the released code's) or the figure's ``ConvResidualBlock`` (``residual``). CPU inference with the
+    1x1 fusion takes ``_forward_folded``, the same function with fewer copies of the map.
 
     Args:
         channels: C.
@@ -92,9 +93,9 @@ class StateSpaceResidualBlock(nn.Module):
 
     def forward(self, x):
         if self._folds(x):
-            return torch.cat([self._forward_folded(image[None]) for image in x]) if x.shape[0] > 1 else (
-                self._forward_folded(x)
-            )
+            if x.shape[0] == 1:
+                return self._forward_folded(x)
+            return torch.cat([self._forward_folded(image[None]) for image in x])
         x_local, x_ssm, routing = self.acp(x)
         y = self.acp.merge(self.cnn_branch(x_local), self.ssm_branch(x_ssm), routing)
         return self.fusion(y).add_(x)
@@ -117,9 +118,11 @@ class StateSpaceResidualBlock(nn.Module):
         acp = self.acp
         local_channels = acp.local_channels
         refined, scores = acp.scored(x)
-        scores = None if scores is None else scores[0]
-        order = None if scores is None else acp.order(scores[None])
-        order = None if order is None else order[0]
+        order = None
+        if scores is not None:
+            order = acp.order(scores)  # (1, C), or None for a fixed split
+            order = None if order is None else order[0]
+            scores = scores[0]
         mix_weight, mix_bias = acp.folded_mix(scores, order)
         pixels = refined.reshape(channels, height * width)  # (C, HW)
         x_local = torch.addmm(mix_bias[:local_channels, None], mix_weight[:local_channels], pixels)
