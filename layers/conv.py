@@ -7,14 +7,17 @@ two-core machine (AVX-512) it took 35-50 % of oneDNN's time at 128-1024 channels
 80 % at 32x48, and more than oneDNN below ``MIN_PIXELS``.
 
 ``WinogradConv2d`` is a ``nn.Conv2d`` (same parameters and state-dict keys) that takes that path when it applies:
-float32 on the CPU, no gradient needed, a map of at least ``MIN_PIXELS`` pixels, and NNPACK built into PyTorch.
-Otherwise (training, float64, CUDA, small maps) it is ``nn.Conv2d``. ``use_winograd(module)`` turns a module's eligible
-convolutions into it, in place. The results differ from the direct convolution by float32 rounding only (about
-2e-5 of the output's scale, the transforms' rounding), and are the same from run to run.
+float32 CPU inference (``layers.inference.cpu_inference``), a map of at least ``MIN_PIXELS`` pixels, and NNPACK
+built into PyTorch. Otherwise (training, float64, CUDA, autocast, small maps) it is ``nn.Conv2d``.
+``use_winograd(module)`` turns a module's eligible convolutions into it, in place. The results differ from the
+direct convolution by float32 rounding only (about 2e-5 of the output's scale, the transforms' rounding), and are
+the same from run to run.
 """
 
 import torch
 import torch.nn as nn
+
+from .inference import cpu_inference
 
 MIN_PIXELS = 1024  # below this (e.g. 16x24) the transforms cost more than they save
 
@@ -27,21 +30,20 @@ class WinogradConv2d(nn.Conv2d):
     enabled = True
 
     def _conv_forward(self, input, weight, bias):
-        if winograd_applies(input, weight):
+        if winograd_applies(self, input):
             return torch._nnpack_spatial_convolution(input.contiguous(), weight.contiguous(), bias, list(self.padding))
         return super()._conv_forward(input, weight, bias)
 
 
-def winograd_applies(input, weight):
-    """Whether ``WinogradConv2d`` takes the Winograd path for this (B, C, H, W) input."""
+def winograd_applies(conv, input):
+    """Whether the ``WinogradConv2d`` ``conv`` takes the Winograd path for this (B, C, H, W) input."""
     return (
         WinogradConv2d.enabled
-        and input.device.type == "cpu"
         and input.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
         and input.dim() == 4
         and input.shape[-2] * input.shape[-1] >= MIN_PIXELS
-        and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+        and cpu_inference(input, conv)
         and winograd_available()
     )
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from compressai.layers import ResidualBlock, conv1x1, conv3x3
 
 from .acp import AdaptiveChannelPartition, ChannelScore
+from .inference import conv1x1_on_parts, cpu_inference
 from .ss2d import VSSBlock
 from .swin import ConvTransBlock
 
@@ -101,13 +102,8 @@ class StateSpaceResidualBlock(nn.Module):
         return self.fusion(y).add_(x)
 
     def _folds(self, x):
-        """Whether ``forward`` takes the folded path: CPU inference (no gradient, no autocast) with the 1x1 fusion."""
-        return (
-            x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and isinstance(self.fusion, nn.Conv2d)
-        )
+        """Whether ``forward`` takes the folded path: CPU inference (``cpu_inference``) with the 1x1 fusion."""
+        return isinstance(self.fusion, nn.Conv2d) and cpu_inference(x, self)
 
     def _forward_folded(self, x):
         """``forward`` for one image (1, C, H, W) with the ACP's score and routing folded into the 1x1 mix weights
@@ -136,9 +132,7 @@ class StateSpaceResidualBlock(nn.Module):
         fusion_weight = self.fusion.weight.flatten(1)
         if order is not None:
             fusion_weight = fusion_weight[:, order]
-        y_local = y_local.view(local_channels, -1)
-        out = torch.addmm(self.fusion.bias[:, None], fusion_weight[:, :local_channels], y_local)
-        torch.addmm(out, fusion_weight[:, local_channels:], y_ssm, out=out)  # in place, seen by FLOP counters
+        out = conv1x1_on_parts(fusion_weight, self.fusion.bias, (y_local.view(local_channels, -1), y_ssm))
         return out.view(1, channels, height, width).add_(x)
 
 

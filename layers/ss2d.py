@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .inference import cpu_inference
 from .scan import resolve_backend, selective_scan
 
 SCAN_DIRECTIONS = (1, 2, 4)
@@ -139,11 +140,7 @@ class SS2D(nn.Module):
 
     def _fused_applies(self, x):
         """The fused CPU kernel serves float32 CPU inference (no gradient needed, no autocast) with the cpu backend."""
-        if not self.use_fused_kernel or x.device.type != "cpu" or x.dtype != torch.float32:
-            return False
-        if torch.is_autocast_enabled("cpu"):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if not self.use_fused_kernel or x.dtype != torch.float32 or not cpu_inference(x, self):
             return False
         return resolve_backend(x.device, self.scan_backend) == "cpu"
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.layers import ResidualBlock, conv1x1
 
+from .inference import conv1x1_on_parts, cpu_inference
 from .ss2d import DropPath
 
 WINDOW_TYPES = ("W", "SW")
@@ -166,12 +167,9 @@ class ConvTransBlock(nn.Module):
         a, b = torch.split(x, (self.conv_dim, self.trans_dim), dim=1)
         a = self.conv_block(a).add_(a)
         b = self.trans_block(b.permute(0, 2, 3, 1))  # (B, H, W, trans_dim)
-        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-        if batch == 1 and x.device.type == "cpu" and inference:
-            weight = self.conv1_2.weight.flatten(1)
-            out = torch.addmm(self.conv1_2.bias[:, None], weight[:, : self.conv_dim], a.reshape(self.conv_dim, -1))
-            torch.addmm(out, weight[:, self.conv_dim :], b.reshape(-1, self.trans_dim).t(), out=out)  # in place
-            return out.view(1, -1, height, width)
+        if batch == 1 and cpu_inference(x, self):
+            parts = (a.reshape(self.conv_dim, -1), b.reshape(-1, self.trans_dim).t())
+            return conv1x1_on_parts(self.conv1_2.weight.flatten(1), self.conv1_2.bias, parts).view(1, -1, height, width)
         return self.conv1_2(torch.cat((a, b.permute(0, 3, 1, 2)), dim=1))
 
     def forward(self, x):

@@ -62,7 +62,7 @@ def test_winograd_takes_non_contiguous_input_and_repeats_exactly(nnpack_calls):
     torch.testing.assert_close(first, direct, rtol=0, atol=1e-4 * direct.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["grad", "float64", "small", "disabled"])
+@pytest.mark.parametrize("case", ["grad", "float64", "small", "disabled", "autocast"])
 def test_direct_convolution_where_winograd_does_not_apply(nnpack_calls, monkeypatch, case):
     conv = winograd_conv(16, 16)
     x = torch.randn(1, 16, 40, 40)
@@ -73,11 +73,12 @@ def test_direct_convolution_where_winograd_does_not_apply(nnpack_calls, monkeypa
         x = x[..., :16, :16]
     if case == "disabled":
         monkeypatch.setattr(WinogradConv2d, "enabled", False)
-    with torch.set_grad_enabled(case == "grad"):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with torch.set_grad_enabled(case == "grad"), autocast:
         out = conv(x)
         direct = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+        assert not winograd_applies(conv, x)
     assert not nnpack_calls
-    assert not winograd_applies(x, conv.weight)
     assert torch.equal(out, direct)
     if case == "grad":
         out.sum().backward()
