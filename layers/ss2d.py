@@ -34,18 +34,6 @@ def cross_scan(x, directions=4):
     return torch.cat([both, both.flip(-1)], dim=1)
 
 
-def to_scan_order(x, height, width):
-    """Put each direction's own map into its scan order: x (B, K, C, H*W) in pixel (row-major) order, direction k
-    of ``cross_scan``'s order; returns (B, K, C, H*W) where [:, k] is what ``cross_scan`` would give for k."""
-    batch, directions, channels, _ = x.shape
-    out = [x[:, 0]]
-    if directions > 1:
-        out.append(x[:, 1].view(batch, channels, height, width).transpose(2, 3).flatten(2))
-    if directions == 4:
-        out += [x[:, 2].flip(-1), x[:, 3].view(batch, channels, height, width).transpose(2, 3).flatten(2).flip(-1)]
-    return torch.stack(out, dim=1)
-
-
 def cross_merge(y, height, width):
     """Sum the directions' sequences back onto the map: the adjoint of ``cross_scan``.
 
@@ -146,22 +134,20 @@ class SS2D(nn.Module):
 
     def fused_scan(self, x):
         """``scan`` for inference in one pass of the CPU kernel, channels last: (B, d_inner, H, W) (best in
-        channels_last memory format) -> (B, H, W, d_inner). The kernel reads u from the map in each direction's
-        order, forms dt from the low-rank projection and adds every direction's y back at its pixels, so the four
-        direction copies of u, dt and y are never made. Same function as ``scan``, float32 rounding aside."""
+        channels_last memory format) -> (B, H, W, d_inner). ``x_proj`` of every direction is one product over the
+        pixels; the kernel picks each step's row of it, reads u from the map in each direction's order, forms dt
+        from the low-rank projection and adds every direction's y back at its pixels, so the four direction copies
+        of u, dt, B, C and y are never made. Same function as ``scan``, float32 rounding aside."""
         from .scan import cpu
 
         batch, _, height, width = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.d_inner).contiguous()
-        x_dbl = to_scan_order(torch.einsum("kcd,bld->bkcl", self.x_proj_weight, pixels), height, width)
-        dts, Bs, Cs = (t.contiguous() for t in torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2))
+        x_dbl = F.linear(pixels, self.x_proj_weight.reshape(-1, self.d_inner))  # (B, L, K * (R + 2N))
         y = cpu.load_extension().ss2d_forward(
             pixels,
-            dts,
+            x_dbl,
             self.dt_projs_weight.float().contiguous(),
             -torch.exp(self.A_logs.float()),
-            Bs,
-            Cs,
             self.Ds.float().contiguous(),
             self.dt_projs_bias.float().reshape(-1).contiguous(),
             True,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from layers.scan import ENV_VAR, ScanBackendError, resolve_backend, selective_scan, selective_scan_ref
 from layers.scan.torch_impl import SelectiveScanTorch
-from layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan, to_scan_order
+from layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan
 from tests.helpers import torch_threads
 
 TOL = 1e-5
@@ -291,11 +291,13 @@ def test_ss2d_scan_equals_per_direction_scans(directions):
 
 @pytest.mark.parametrize("directions", [1, 2, 4])
 @pytest.mark.parametrize("size", [(2, 3, 5), (1, 1, 13), (1, 9, 11)], ids=["3x5", "1x13", "9x11"])
-def test_fused_ss2d_scan_equals_per_direction_scans(directions, size):
+@pytest.mark.parametrize("d_state", [4, 16])
+def test_fused_ss2d_scan_equals_per_direction_scans(directions, size, d_state):
     """The inference kernel (directions read in place, dt formed inside, merge by addition), channels last out;
-    d_inner = 20 is one full block of 16 lanes and a partial one, 9 x 11 spans two chunks of 64 steps."""
+    d_inner = 20 is one full block of 16 lanes and a partial one, 9 x 11 spans two chunks of 64 steps; 16 states
+    take the kernel's register path, 4 its general one."""
     torch.manual_seed(0)
-    module = SS2D(d_model=10, d_state=4, scan_directions=directions, scan_backend="cpu")
+    module = SS2D(d_model=10, d_state=d_state, scan_directions=directions, scan_backend="cpu")
     batch, height, width = size
     x = torch.randn(batch, module.d_inner, height, width)
     with torch.no_grad(), one_thread():
@@ -306,14 +308,6 @@ def test_fused_ss2d_scan_equals_per_direction_scans(directions, size):
     assert actual.shape == (batch, height, width, module.d_inner)
     assert_matches(actual.permute(0, 3, 1, 2), expected, label=f"fused SS2D K={directions} {size}")
     assert torch.equal(actual, from_channels_last)
-
-
-def test_to_scan_order_gives_each_direction_its_cross_scan():
-    torch.manual_seed(0)
-    maps = torch.randn(4, 2, 3, 5, 7)  # one (B, C, H, W) map per direction
-    ordered = to_scan_order(torch.stack([m.flatten(2) for m in maps], dim=1), 5, 7)
-    for k in range(4):
-        assert torch.equal(ordered[:, k], cross_scan(maps[k], 4)[:, k])
 
 
 def test_ss2d_inference_runs_the_fused_kernel_and_agrees(monkeypatch):

@@ -614,86 +614,152 @@ inline int64_t pixel_of(int64_t k, int64_t t, int64_t height, int64_t width, int
   return (t % height) * width + t / height;  // t = w * H + h
 }
 
+// One chunk of the recurrence for one block, time-major: the states stay in registers (NN of them; NN = 0: n_state
+// states kept in h) and a step's y is summed in a register, y = ybuf[t] + h_0 C_0 + h_1 C_1 + ... B and C are the
+// chunk's packed rows, [n * CHUNK + t]. h enters as the state before the chunk and leaves as the state after it.
+template <int NN>
+inline void scan_chunk_packed(const ChunkInputs& in, const Vec* a2, const float* Bk, const float* Ck, int steps,
+                              int n_state, Vec* h, Vec* ybuf) {
+  Vec regs[NN > 0 ? NN : 1];
+  Vec* hs = NN > 0 ? regs : h;
+  if (NN > 0) {
+    n_state = NN;
+    for (int n = 0; n < NN; ++n) regs[n] = h[n];
+  }
+  for (int t = 0; t < steps; ++t) {
+    const Vec dt = in.dt[t], dtu = in.dtu[t];
+    Vec y = ybuf[t];
+#pragma GCC unroll 16
+    for (int n = 0; n < n_state; ++n) {
+      hs[n] = exp2v(dt * a2[n]) * hs[n] + dtu * Bk[n * CHUNK + t];
+      y += hs[n] * Ck[n * CHUNK + t];
+    }
+    ybuf[t] = y;
+  }
+  if (NN > 0)
+    for (int n = 0; n < NN; ++n) h[n] = regs[n];
+}
+
 // The whole 2-D selective scan of SS2D for inference, without the cross-scan and cross-merge copies.
-//   x      (batch, H*W, Dn)   the map, channels last, pixels row-major: u of every direction
-//   dt_r   (batch, K, R, L)   low-rank dt of each direction, in that direction's scan order
-//   dt_w   (K, Dn, R)         dt_proj weights: delta[k, d, t] = sum_r dt_w[k, d, r] * dt_r[b, k, r, t]
-//   A      (K*Dn, N); B, C (batch, K, N, L) in scan order; D, bias (K*Dn)
-// Returns (batch, H*W, Dn): the sum over directions of each direction's y, put back at its pixels (cross-merge).
-// A task is one image and one block of SIMD_W channels; it runs the K directions one after the other and adds
-// each into the output, so the result does not depend on the number of threads. Channels last, a step's lanes
-// are one contiguous run of the map (a cache line), whatever the direction.
-at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& dt_r, const at::Tensor& dt_w, const at::Tensor& A,
-                        const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& bias,
-                        bool use_softplus, int64_t height, int64_t width) {
-  for (const at::Tensor* t : {&x, &dt_r, &dt_w, &A, &B, &C, &D, &bias}) {
+//   x      (batch, L, Dn)            the map, channels last, pixels row-major (L = H * W): u of every direction
+//   x_dbl  (batch, L, K * (R + 2N))  x_proj of every pixel, pixel-major: for direction k, (dt_r, B, C) at
+//                                    columns k * (R + 2N) + [0, R), [R, R + N), [R + N, R + 2N)
+//   dt_w   (K, Dn, R)                dt_proj weights: delta[k, d, t] = sum_r dt_w[k, d, r] * dt_r[k, r, t]
+//   A      (K*Dn, N); D, bias (K*Dn)
+// Returns (batch, L, Dn): the sum over directions of each direction's y, put back at its pixels (cross-merge).
+//
+// A task is one image and a group of `group` blocks of SIMD_W channels (adjacent in memory at every pixel); it runs
+// the K directions one after the other, chunk by chunk: the chunk's pixels are gathered once for the group (u of
+// all its blocks, and dt_r, B, C packed time-contiguous, so that they stay in cache while every block of the group
+// scans them), the blocks scan, and the group's y is written at the chunk's pixels (direction 0) or added to them.
+// Every output element is computed by the same operations in the same order whatever the group size and the number
+// of threads, so decoding is bit-identical across thread counts.
+at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_w, const at::Tensor& A,
+                        const at::Tensor& D, const at::Tensor& bias, bool use_softplus, int64_t height,
+                        int64_t width) {
+  for (const at::Tensor* t : {&x, &x_dbl, &dt_w, &A, &D, &bias}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "ss2d_forward: tensors must be contiguous float32 on the CPU");
   }
-  const int64_t batch = x.size(0), L = x.size(1), Dn = x.size(2), K = B.size(1), N = A.size(1), R = dt_r.size(2);
+  TORCH_CHECK(x.dim() == 3 && x_dbl.dim() == 3 && dt_w.dim() == 3 && A.dim() == 2, "ss2d_forward: wrong ranks");
+  const int64_t batch = x.size(0), L = x.size(1), Dn = x.size(2);
+  const int64_t K = dt_w.size(0), R = dt_w.size(2), N = A.size(1), row_len = K * (R + 2 * N);
   TORCH_CHECK(height * width == L, "ss2d_forward: height * width must equal L");
-  TORCH_CHECK(K >= 1 && K <= 4 && dt_r.size(1) == K && dt_w.size(0) == K && dt_w.size(1) == Dn &&
-                  dt_w.size(2) == R && A.size(0) == K * Dn && B.size(2) == N && C.sizes() == B.sizes() &&
-                  B.size(3) == L && dt_r.size(3) == L && D.numel() == K * Dn && bias.numel() == K * Dn,
+  TORCH_CHECK(K >= 1 && K <= 4 && dt_w.size(1) == Dn && A.size(0) == K * Dn && D.numel() == K * Dn &&
+                  bias.numel() == K * Dn && x_dbl.size(0) == batch && x_dbl.size(1) == L &&
+                  x_dbl.size(2) == row_len,
               "ss2d_forward: inconsistent shapes");
-  auto out = at::zeros_like(x);
-  const float *xp = x.data_ptr<float>(), *rp = dt_r.data_ptr<float>(), *wp = dt_w.data_ptr<float>();
-  const float *Ap = A.data_ptr<float>(), *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>();
-  const float *Dp = D.data_ptr<float>(), *biasp = bias.data_ptr<float>();
+  auto out = at::empty_like(x);
+  if (out.numel() == 0) return out;
+  const float *xp = x.data_ptr<float>(), *xd = x_dbl.data_ptr<float>(), *wp = dt_w.data_ptr<float>();
+  const float *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>(), *biasp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t blocks = (Dn + SIMD_W - 1) / SIMD_W, n_chunks = (L + CHUNK - 1) / CHUNK;
+  // Blocks per task: as few tasks as keep every thread busy (each task reads the chunk's rows once), at most 8
+  // blocks (the group's u and y of a chunk, 64 KB, stay in L2).
+  const int64_t threads_per_image = (at::get_num_threads() + batch - 1) / batch;
+  const int64_t group = std::clamp<int64_t>((blocks + threads_per_image - 1) / threads_per_image, 1, 8);
+  const int64_t groups = (blocks + group - 1) / group;
 
   struct Scratch {
     ChunkInputs in;
-    std::vector<Vec> h, ybuf;
+    std::vector<Vec> h, ybuf, u, y;  // h: group * N states; u, y: [t * group + i] for block i of the group
+    std::vector<float> dtr, Bk, Ck;  // the chunk's dt_r, B, C of the direction: [row * CHUNK + t]
     std::vector<int64_t> pix;
   };
   const auto make_scratch = [&] {
-    return Scratch{{}, std::vector<Vec>(N), std::vector<Vec>(CHUNK), std::vector<int64_t>(CHUNK)};
+    return Scratch{{},
+                   std::vector<Vec>(group * N),
+                   std::vector<Vec>(CHUNK),
+                   std::vector<Vec>(CHUNK * group),
+                   std::vector<Vec>(CHUNK * group),
+                   std::vector<float>(R * CHUNK),
+                   std::vector<float>(N * CHUNK),
+                   std::vector<float>(N * CHUNK),
+                   std::vector<int64_t>(CHUNK)};
   };
-  run_tasks(batch * blocks, batch * blocks * K * L * N, make_scratch, [&](int64_t task, Scratch& s) {
-    const int64_t b = task / blocks, ch0 = (task % blocks) * SIMD_W;
-    const int width_lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - ch0));
-    const float* xpix = xp + b * L * Dn + ch0;  // + p * Dn: the block's lanes at pixel p
-    float* opix = op + b * L * Dn + ch0;
+  run_tasks(batch * groups, batch * blocks * K * L * N, make_scratch, [&](int64_t task, Scratch& s) {
+    const int64_t b = task / groups, blk0 = (task % groups) * group;
+    const int64_t n_blk = std::min(blocks, blk0 + group) - blk0, ch0 = blk0 * SIMD_W;
+    const int64_t lanes = std::min(n_blk * SIMD_W, Dn - ch0);  // the group's channels at one pixel
+    const float* xb = xp + b * L * Dn + ch0;
+    float* ob = op + b * L * Dn + ch0;
     ChunkInputs& in = s.in;
+    struct BlockParams {
+      std::vector<Vec> a2, w;
+      Vec d, bias;
+    };
+    std::vector<BlockParams> params(n_blk);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t kc0 = k * Dn + ch0;  // row of A, D, bias and dt_proj
-      const std::vector<Vec> a2 = load_lane_table(Ap + kc0 * N, N, width_lanes, LOG2E);
-      const Vec d_lane = load_param(Dp + kc0, width_lanes);
-      const Vec bias_lane = load_param(biasp + kc0, width_lanes);
-      const std::vector<Vec> w = load_lane_table(wp + kc0 * R, R, width_lanes, 1.f);  // dt_proj, per rank
-      const float* Bg = Bp + (b * K + k) * N * L;
-      const float* Cg = Cp + (b * K + k) * N * L;
-      const float* rg = rp + (b * K + k) * R * L;
+      for (int64_t i = 0; i < n_blk; ++i) {
+        const int64_t c = ch0 + i * SIMD_W, kc = k * Dn + c;
+        const int width_lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - c));
+        params[i] = {load_lane_table(Ap + kc * N, N, width_lanes, LOG2E),  // decay = 2^(dt * a2)
+                     load_lane_table(wp + kc * R, R, width_lanes, 1.f), load_param(Dp + kc, width_lanes),
+                     load_param(biasp + kc, width_lanes)};
+      }
+      const float* xdk = xd + b * L * row_len + k * (R + 2 * N);
       std::fill(s.h.begin(), s.h.end(), Vec{});
       for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
         const int64_t t0 = chunk * CHUNK;
         const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
         for (int t = 0; t < steps; ++t) {
           const int64_t p = s.pix[t] = pixel_of(k, t0 + t, height, width, L);
-          Vec u{}, delta{};
-          if (width_lanes == SIMD_W)  // a constant size: one vector load
-            std::memcpy(&u, xpix + p * Dn, sizeof(Vec));
-          else
-            std::memcpy(&u, xpix + p * Dn, width_lanes * sizeof(float));
-          for (int64_t r = 0; r < R; ++r) delta += w[r] * rg[r * L + t0 + t];
-          in.u[t] = u;
-          in.x[t] = delta;
-          s.ybuf[t] = d_lane * u;
-        }
-        in.derive(bias_lane, use_softplus, steps);
-        scan_chunk(in, a2, Bg, Cg, L, t0, steps, s.h, s.ybuf, [](int64_t) {});
-        for (int t = 0; t < steps; ++t) {
-          float* dst = opix + s.pix[t] * Dn;
-          if (width_lanes == SIMD_W) {
-            Vec acc;
-            std::memcpy(&acc, dst, sizeof(Vec));
-            acc += s.ybuf[t];
-            std::memcpy(dst, &acc, sizeof(Vec));
-          } else {
-            for (int j = 0; j < width_lanes; ++j) dst[j] += s.ybuf[t][j];
+          const float* row = xdk + p * row_len;
+          for (int64_t r = 0; r < R; ++r) s.dtr[r * CHUNK + t] = row[r];
+          for (int64_t n = 0; n < N; ++n) {
+            s.Bk[n * CHUNK + t] = row[R + n];
+            s.Ck[n * CHUNK + t] = row[R + N + n];
           }
+          Vec* u = s.u.data() + t * group;
+          if (lanes < n_blk * SIMD_W) u[n_blk - 1] = Vec{};  // zero lanes past the last channel
+          std::memcpy(u, xb + p * Dn, lanes * sizeof(float));
+        }
+        for (int64_t i = 0; i < n_blk; ++i) {
+          const BlockParams& prm = params[i];
+          for (int t = 0; t < steps; ++t) {
+            const Vec u = s.u[t * group + i];
+            Vec delta{};
+            for (int64_t r = 0; r < R; ++r) delta += prm.w[r] * s.dtr[r * CHUNK + t];
+            in.u[t] = u;
+            in.x[t] = delta;
+            s.ybuf[t] = prm.d * u;
+          }
+          in.derive(prm.bias, use_softplus, steps);
+          Vec* h = s.h.data() + i * N;
+          if (N == 16)
+            scan_chunk_packed<16>(in, prm.a2.data(), s.Bk.data(), s.Ck.data(), steps, 16, h, s.ybuf.data());
+          else
+            scan_chunk_packed<0>(in, prm.a2.data(), s.Bk.data(), s.Ck.data(), steps, N, h, s.ybuf.data());
+          for (int t = 0; t < steps; ++t) s.y[t * group + i] = s.ybuf[t];
+        }
+        for (int t = 0; t < steps; ++t) {
+          float* dst = ob + s.pix[t] * Dn;
+          const float* y = reinterpret_cast<const float*>(s.y.data() + t * group);
+          if (k == 0)
+            std::memcpy(dst, y, lanes * sizeof(float));
+          else
+            for (int64_t j = 0; j < lanes; ++j) dst[j] += y[j];
         }
       }
     }
