@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inference import cpu_inference
+from .inference import ROWS_PER_STEP, add_mlp_rows, cpu_inference
 from .scan import resolve_backend, selective_scan
 
 SCAN_DIRECTIONS = (1, 2, 4)
@@ -166,12 +166,26 @@ class SS2D(nn.Module):
 
     def _forward_fused(self, x):
         """``forward`` for CPU inference with the fused scan kernel, channels last throughout (no layout copies): the
-        in-projection's two halves as two products (each contiguous), activations and the gate in place."""
-        weight = self.in_proj.weight
-        u = F.linear(x, weight[: self.d_inner]).permute(0, 3, 1, 2)  # (B, d_inner, H, W), channels_last
-        z = F.silu(F.linear(x, weight[self.d_inner :]), inplace=True)
+        in-projection's x half as one product, then the scan; the gate half, the norm, the gate and the
+        out-projection ``ROWS_PER_STEP`` pixels at a time (``_gate_rows``)."""
+        u = F.linear(x, self.in_proj.weight[: self.d_inner]).permute(0, 3, 1, 2)  # (B, d_inner, H, W), channels_last
         y = self.fused_scan(F.silu(self.conv2d(u), inplace=True))
-        return self.out_proj(self.out_norm(y).mul_(z))
+        return self._gate_rows(x, y)
+
+    def _gate_rows(self, x, y, rows=ROWS_PER_STEP):
+        """``out_proj(out_norm(y) * SiLU(z))`` with ``z`` the in-projection's gate half of ``x``, ``rows`` pixels at
+        a time, so that neither ``z`` nor the normed ``y`` is ever held for the whole map (each 100 MB at a 768x512
+        image's first stage): x (B, H, W, d_model), y (B, H, W, d_inner), both contiguous."""
+        x_rows, y_rows = x.reshape(-1, x.shape[-1]), y.view(-1, self.d_inner)
+        gate_weight, out_weight = self.in_proj.weight[self.d_inner :].t(), self.out_proj.weight.t()
+        out = torch.empty(x_rows.shape[0], out_weight.shape[1], dtype=y.dtype)
+        z = torch.empty(min(rows, x_rows.shape[0]), self.d_inner, dtype=y.dtype)
+        for start in range(0, x_rows.shape[0], rows):
+            stop = min(start + rows, x_rows.shape[0])
+            gate = F.silu(torch.mm(x_rows[start:stop], gate_weight, out=z[: stop - start]), inplace=True)
+            normed = self.out_norm(y_rows[start:stop]).mul_(gate)
+            torch.mm(normed, out_weight, out=out[start:stop])
+        return out.view(*x.shape[:-1], -1)
 
 
 class DropPath(nn.Module):
@@ -236,6 +250,8 @@ class VSSBlock(nn.Module):
     def forward_rows(self, x):
         """The block on channels-last input (B, H, W, C) -> (B, H, W, C)."""
         x = self.drop_path(self.op(self.norm(x))).add_(x)
-        if self.mlp is not None:
-            x = self.drop_path(self.mlp(self.norm2(x))).add_(x)
-        return x
+        if self.mlp is None:
+            return x
+        if not self.training and cpu_inference(x, self):  # the MLP a block of pixels at a time (add_mlp_rows)
+            return add_mlp_rows(x.contiguous(), self.norm2, self.mlp.fc1, self.mlp.act, self.mlp.fc2)
+        return self.drop_path(self.mlp(self.norm2(x))).add_(x)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.layers import ResidualBlock, conv1x1
 
-from .inference import conv1x1_on_parts, cpu_inference
+from .inference import add_mlp_rows, conv1x1_on_parts, cpu_inference
 from .ss2d import DropPath
 
 WINDOW_TYPES = ("W", "SW")
@@ -139,6 +139,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, x):
         x = self.drop_path(self.msa(self.ln1(x))).add_(x)
+        if not self.training and cpu_inference(x, self):  # the MLP a block of pixels at a time (add_mlp_rows)
+            return add_mlp_rows(x.contiguous(), self.ln2, self.mlp[0], self.mlp[1], self.mlp[2])
         return self.drop_path(self.mlp(self.ln2(x))).add_(x)
 
 
