@@ -4,11 +4,13 @@ A 3x3 convolution with stride 1 is most of the multiply-adds of CSM and TCM alik
 branch, TCM's residual units, every ``ResidualBlockUpsample``). PyTorch runs them on the CPU as direct convolutions
 (oneDNN); Winograd's F(6x6, 3x3) computes the same convolution with about a fifth of the multiplications. On a
 two-core machine (AVX-512) it took 35-50 % of oneDNN's time at 128-1024 channels on maps of 64x96 pixels and more,
-80 % at 32x48, and more than oneDNN below ``MIN_PIXELS``.
+45-70 % at 192-320 channels on 32x48; but more than oneDNN below ``MIN_PIXELS``, with fewer than ``MIN_CHANNELS``
+input or output channels (1.3-2.8x at 32), and on small products of channels and pixels (``MIN_WORK``: 1.2x for
+128 -> 128 channels on 32x48 pixels), where the direct convolution is kept.
 
 ``WinogradConv2d`` is a ``nn.Conv2d`` (same parameters and state-dict keys) that takes that path when it applies:
-float32 CPU inference (``layers.inference.cpu_inference``), a map of at least ``MIN_PIXELS`` pixels, and NNPACK
-built into PyTorch. Otherwise (training, float64, CUDA, autocast, small maps) it is ``nn.Conv2d``.
+float32 CPU inference (``layers.inference.cpu_inference``), a convolution and map large enough (``MIN_PIXELS``,
+``MIN_CHANNELS``, ``MIN_WORK``), and NNPACK built into PyTorch. Otherwise (training, float64, CUDA, autocast, small maps) it is ``nn.Conv2d``.
 ``use_winograd(module)`` turns a module's eligible convolutions into it, in place. The results differ from the
 direct convolution by float32 rounding only (about 2e-5 of the output's scale, the transforms' rounding), and are
 the same from run to run.
@@ -20,6 +22,8 @@ import torch.nn as nn
 from .inference import cpu_inference
 
 MIN_PIXELS = 1024  # below this (e.g. 16x24) the transforms cost more than they save
+MIN_CHANNELS = 48  # input and output channels; at 32 oneDNN's direct convolution is faster on any map
+MIN_WORK = 40_000_000  # in_channels * out_channels * pixels; below, the transforms' share is too large
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -43,6 +47,8 @@ def winograd_applies(conv, input):
         and conv.weight.dtype == torch.float32
         and input.dim() == 4
         and input.shape[-2] * input.shape[-1] >= MIN_PIXELS
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+        and conv.in_channels * conv.out_channels * input.shape[-2] * input.shape[-1] >= MIN_WORK
         and cpu_inference(input, conv)
         and winograd_available()
     )

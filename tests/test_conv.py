@@ -21,7 +21,10 @@ def winograd_conv(cin, cout, bias=True):
 
 @pytest.fixture
 def nnpack_calls(monkeypatch):
-    """Counts the calls of NNPACK's convolution."""
+    """Counts the calls of NNPACK's convolution; the size gates other than MIN_PIXELS are lowered so that small
+    convolutions take the Winograd path (test_size_gates checks them)."""
+    monkeypatch.setattr(wconv, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(wconv, "MIN_WORK", 0)
     calls = []
     real = torch._nnpack_spatial_convolution
 
@@ -83,6 +86,17 @@ def test_direct_convolution_where_winograd_does_not_apply(nnpack_calls, monkeypa
     if case == "grad":
         out.sum().backward()
         assert conv.weight.grad is not None
+
+
+@needs_nnpack
+def test_size_gates():
+    """Winograd where the convolution and map are large enough, the direct convolution below any of the gates."""
+    wide, narrow = winograd_conv(64, 64), winograd_conv(64, 32)
+    with torch.no_grad():
+        assert winograd_applies(wide, torch.randn(1, 64, 128, 96))  # 64 * 64 * 12288 px = 50 M
+        assert not winograd_applies(wide, torch.randn(1, 64, 64, 96))  # 25 M < MIN_WORK
+        assert not winograd_applies(narrow, torch.randn(1, 64, 256, 384))  # 32 < MIN_CHANNELS output channels
+        assert not winograd_applies(winograd_conv(1024, 1024), torch.randn(1, 1024, 16, 24))  # 384 < MIN_PIXELS
 
 
 def test_use_winograd_converts_only_plain_3x3_stride_1_convolutions():
