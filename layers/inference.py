@@ -1,4 +1,4 @@
-"""Helpers of the CPU inference paths (Winograd convolutions, fused SS2D, folded SRB and TCM block, MLPs by rows).
+"""Helpers of the CPU inference paths (Winograd convolutions, fused SS2D, folded SRB and TCM block, work by rows).
 
 Each of those paths computes its layer's function with fewer copies or multiplications, and is taken only where
 ``cpu_inference`` holds; elsewhere (training, CUDA, autocast) the layer runs as written.
@@ -7,8 +7,8 @@ Each of those paths computes its layer's function with fewer copies or multiplic
 import torch
 import torch.nn.functional as F
 
-# Pixels per step of the by-rows inference paths (``add_mlp_rows``, SS2D's gate): one step's intermediates (an MLP
-# hidden layer of rows x 4C floats is 2 MB at C = 128) stay in cache.
+# Pixels per step of the by-rows inference paths (``add_mlp_rows``, SS2D's gate, window attention by windows): one
+# step's intermediates (an MLP hidden layer of rows x 4C floats is 2 MB at C = 128) stay in cache.
 ROWS_PER_STEP = 1024
 
 

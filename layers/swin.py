@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.layers import ResidualBlock, conv1x1
 
-from .inference import add_mlp_rows, conv1x1_on_parts, cpu_inference
+from .inference import ROWS_PER_STEP, add_mlp_rows, conv1x1_on_parts, cpu_inference
 from .ss2d import DropPath
 
 WINDOW_TYPES = ("W", "SW")
@@ -46,7 +46,8 @@ class WMSA(nn.Module):
     is never shifted (the shift could only cut that window into pieces), as in SCUNet/TCM.
 
     Input: (B, H, W, input_dim), channels last, any H and W (see the module docstring on padding).
-    Output: (B, H, W, output_dim).
+    Output: (B, H, W, output_dim). CPU inference attends ``ROWS_PER_STEP`` tokens' windows at a time, so that the
+    scores of all windows (400 MB for a 768x512 image's first stage at 128 channels) are never held at once.
     """
 
     def __init__(self, input_dim, output_dim, head_dim, window_size, type):
@@ -96,6 +97,16 @@ class WMSA(nn.Module):
         label = _window_partition(label[None, :, :, None], self.window_size)[0, :, :, 0]  # (nW, P)
         return label[:, :, None] != label[:, None, :]
 
+    def _attend(self, windows, bias, mask):
+        """Attention inside each window and the output projection: windows (B, n, P, C), bias (heads, P, P), mask
+        (n, P, P) or None -> (B, n, P, output_dim)."""
+        qkv = self.embedding_layer(windows).unflatten(-1, (3 * self.n_heads, self.head_dim))
+        q, k, v = qkv.permute(0, 1, 3, 2, 4).chunk(3, dim=2)  # each (B, n, heads, P, head_dim)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+        if mask is not None:
+            attn = attn.masked_fill(mask[:, None], float("-inf"))
+        return self.linear((attn.softmax(dim=-1) @ v).transpose(2, 3).flatten(-2))
+
     def forward(self, x):
         batch, height, width, _ = x.shape
         window = self.window_size
@@ -108,14 +119,17 @@ class WMSA(nn.Module):
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
 
         windows = _window_partition(x, window)  # (B, nW, P, C)
-        qkv = self.embedding_layer(windows).unflatten(-1, (3 * self.n_heads, self.head_dim))
-        q, k, v = qkv.permute(0, 1, 3, 2, 4).chunk(3, dim=2)  # each (B, nW, heads, P, head_dim)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.relative_embedding()
         mask = self._mask(height, width, padded_height, padded_width, shift, x.device)
-        if mask is not None:
-            attn = attn.masked_fill(mask[:, None], float("-inf"))
-        out = (attn.softmax(dim=-1) @ v).transpose(2, 3).flatten(-2)  # (B, nW, P, C)
-        out = _window_merge(self.linear(out), padded_height, padded_width, window)
+        bias = self.relative_embedding()
+        if cpu_inference(x, self):  # a few windows at a time: their scores stay in cache
+            out = torch.empty(*windows.shape[:-1], self.linear.out_features, dtype=x.dtype)
+            step = max(1, ROWS_PER_STEP // windows.shape[2])
+            for start in range(0, windows.shape[1], step):
+                part = slice(start, start + step)
+                out[:, part] = self._attend(windows[:, part], bias, None if mask is None else mask[part])
+        else:
+            out = self._attend(windows, bias, mask)
+        out = _window_merge(out, padded_height, padded_width, window)
 
         if shift:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))

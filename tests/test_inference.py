@@ -84,3 +84,22 @@ def test_ss2d_gate_by_rows_equals_the_formula():
         expected = module.out_proj(module.out_norm(y) * torch.nn.functional.silu(z))
         actual = module._gate_rows(x, y, rows=16)
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("window_type", ["W", "SW"])
+def test_window_attention_by_windows_equals_all_windows_at_once(monkeypatch, window_type):
+    """CPU inference attends a few windows at a time (here 4 of 12, padding and the shift's masks included): the
+    outputs of the path that attends all windows at once (taken when a gradient is needed)."""
+    torch.manual_seed(0)
+    msa = layers.swin.WMSA(16, 16, 8, 4, window_type)
+    monkeypatch.setattr(layers.swin, "ROWS_PER_STEP", 64)  # 4 windows of 16 tokens per step
+    steps = []
+    real = msa._attend
+    msa._attend = lambda w, *a: steps.append(w.shape[1]) or real(w, *a)
+    x = torch.randn(2, 11, 14, 16)  # padded to 12 x 16: 3 x 4 windows
+    with torch.no_grad():
+        by_windows = msa(x)
+    assert steps == [4, 4, 4]
+    reference = msa(x)
+    assert steps[3:] == [12]
+    torch.testing.assert_close(by_windows, reference.detach(), rtol=1e-5, atol=1e-6)
