@@ -185,7 +185,7 @@ class SS2D(nn.Module):
             gate = F.silu(torch.mm(x_rows[start:stop], gate_weight, out=z[: stop - start]), inplace=True)
             normed = self.out_norm(y_rows[start:stop]).mul_(gate)
             torch.mm(normed, out_weight, out=out[start:stop])
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], out_weight.shape[1])
 
 
 class DropPath(nn.Module):

@@ -83,7 +83,9 @@ def test_ss2d_gate_by_rows_equals_the_formula():
         z = torch.nn.functional.linear(x, module.in_proj.weight[module.d_inner :])
         expected = module.out_proj(module.out_norm(y) * torch.nn.functional.silu(z))
         actual = module._gate_rows(x, y, rows=16)
+        empty = module._gate_rows(x[:, :0], y[:, :0])
     torch.testing.assert_close(actual, expected)
+    assert empty.shape == (2, 0, 7, 6)
 
 
 @pytest.mark.parametrize("window_type", ["W", "SW"])
