@@ -10,7 +10,8 @@ input or output channels (1.3-2.8x at 32), and on small products of channels and
 
 ``WinogradConv2d`` is a ``nn.Conv2d`` (same parameters and state-dict keys) that takes that path when it applies:
 float32 CPU inference (``layers.inference.cpu_inference``), a convolution and map large enough (``MIN_PIXELS``,
-``MIN_CHANNELS``, ``MIN_WORK``), and NNPACK built into PyTorch. Otherwise (training, float64, CUDA, autocast, small maps) it is ``nn.Conv2d``.
+``MIN_CHANNELS``, ``MIN_WORK``), and NNPACK built into PyTorch. Otherwise (training, float64, CUDA, autocast, small
+convolutions) it is ``nn.Conv2d``.
 ``use_winograd(module)`` turns a module's eligible convolutions into it, in place. The results differ from the
 direct convolution by float32 rounding only (about 2e-5 of the output's scale, the transforms' rounding), and are
 the same from run to run.
