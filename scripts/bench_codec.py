@@ -9,9 +9,12 @@ models take turns (one round trip each per round), so that load from elsewhere o
 
 Untrained weights: the time of an entropy coder depends only weakly on the weights (symbol counts are fixed by the
 image size), so this measures the architecture. Times are seconds, medians over ``--repeats`` after one warm-up.
+``compress_parts_s`` / ``decompress_parts_s`` split each time between the networks (``PARTS``, timed by forward
+hooks in the same rounds) and ``coding_and_rest``: the rANS coding, quantization and everything between the calls.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,19 +31,75 @@ from layers.conv import winograd_available  # noqa: E402
 from layers.scan import resolve_backend  # noqa: E402
 from models import build_model  # noqa: E402
 from models.registry import SMALL  # noqa: E402
+from utils.evaluation import write_json  # noqa: E402
 from utils.image import load_image, pad_center  # noqa: E402
 from utils.metrics import bpp_from_strings  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak" / "kodim01.png"
 
 
+# The networks of a model whose time the report splits out: part name -> the model's modules that make it up.
+PARTS = {
+    "g_a": lambda model: [model.g_a],
+    "h_a": lambda model: [model.h_a],
+    "h_s": lambda model: [model.h_mean_s, model.h_scale_s],
+    "entropy_model": lambda model: _slice_networks(model.entropy_model),
+    "g_s": lambda model: [model.g_s],
+}
+REST = "coding_and_rest"
+
+
+def _slice_networks(entropy_model):
+    """The per-slice networks of the channel-wise entropy model (context blocks, mean/scale transforms, LRP): the
+    members of its module lists, which its per-slice function calls."""
+    return [net for child in entropy_model.children() if isinstance(child, torch.nn.ModuleList) for net in child]
+
+
+@contextlib.contextmanager
+def part_timer(model):
+    """Accumulate the wall time of every call of each part's modules into the yielded {part: seconds} dict."""
+    seconds = dict.fromkeys(PARTS, 0.0)
+    handles = []
+    for part, modules in PARTS.items():
+        for module in modules(model):
+            def start(module, args):
+                module._bench_start = time.perf_counter()
+
+            def stop(module, args, output, part=part):
+                seconds[part] += time.perf_counter() - module._bench_start
+
+            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def split_parts(seconds, total):
+    """{part: seconds} of the parts that ran, plus ``REST``: the total less their sum."""
+    parts = {part: s for part, s in seconds.items() if s > 0}
+    return {**parts, REST: total - sum(parts.values())}
+
+
 def code_once(model, x):
-    """(compress seconds, decompress seconds, compressed, decompressed) of one round trip."""
-    start = time.perf_counter()
-    enc = model.compress(x)
-    middle = time.perf_counter()
-    dec = model.decompress(enc["strings"], enc["shape"])
-    return middle - start, time.perf_counter() - middle, enc, dec
+    """(compress seconds, decompress seconds, compressed, decompressed, compress parts, decompress parts) of one
+    round trip; the parts as ``split_parts``."""
+    with part_timer(model) as seconds:
+        start = time.perf_counter()
+        enc = model.compress(x)
+        middle = time.perf_counter()
+        enc_parts = split_parts(seconds, middle - start)
+        seconds.update(dict.fromkeys(seconds, 0.0))
+        dec = model.decompress(enc["strings"], enc["shape"])
+        end = time.perf_counter()
+        dec_parts = split_parts(seconds, end - middle)
+    return middle - start, end - middle, enc, dec, enc_parts, dec_parts
+
+
+def median_parts(rounds):
+    """Per-part medians over rounds of ``split_parts`` dicts, rounded like the totals."""
+    return {part: round(statistics.median(r[part] for r in rounds), 3) for part in rounds[0]}
 
 
 def time_codecs(models, x, repeats):
@@ -48,7 +107,7 @@ def time_codecs(models, x, repeats):
 
     The models take turns, one round trip each per round, so that a change in the machine's load while the
     benchmark runs (a shared machine) affects them alike and their ratio stays meaningful."""
-    times = {name: ([], []) for name in models}
+    times = {name: ([], [], [], []) for name in models}
     last = {}
     with torch.no_grad():
         for model in models.values():
@@ -56,9 +115,9 @@ def time_codecs(models, x, repeats):
             code_once(model, x)
         for _ in range(repeats):
             for name, model in models.items():
-                enc_s, dec_s, enc, dec = code_once(model, x)
-                times[name][0].append(enc_s)
-                times[name][1].append(dec_s)
+                enc_s, dec_s, enc, dec, enc_parts, dec_parts = code_once(model, x)
+                for series, value in zip(times[name], (enc_s, dec_s, enc_parts, dec_parts)):
+                    series.append(value)
                 last[name] = enc, dec
     results = {}
     for name, model in models.items():
@@ -68,6 +127,8 @@ def time_codecs(models, x, repeats):
             "decompress_s": round(statistics.median(times[name][1]), 3),
             "compress_runs_s": [round(t, 3) for t in times[name][0]],
             "decompress_runs_s": [round(t, 3) for t in times[name][1]],
+            "compress_parts_s": median_parts(times[name][2]),
+            "decompress_parts_s": median_parts(times[name][3]),
             "bpp_real": round(bpp_from_strings(enc["strings"], x.shape[-2] * x.shape[-1]), 4),
             "exact": bool(torch.equal(enc["y_hat"], dec["y_hat"])),
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
@@ -124,10 +185,9 @@ def main(argv=None):
             if name != args.models[-1]
         }
         report["configs"].append(entry)
-    text = json.dumps(report, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
+        write_json(args.output, report)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

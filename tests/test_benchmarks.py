@@ -32,6 +32,26 @@ def test_bench_codec_reports_times_and_ratios_over_the_baseline(tmp_path, capsys
     assert report["winograd_convolutions"] in (True, False) and isinstance(report["allocator_env"], dict)
     ratio = entry["ratio_over_baseline"]["csm-lite"]
     assert ratio["compress"] == round(models["csm-lite"]["compress_s"] / models["tcm"]["compress_s"], 3)
+    for result in models.values():  # one round: the parts add up to its time (each rounded to 1 ms)
+        enc, dec = result["compress_parts_s"], result["decompress_parts_s"]
+        assert set(enc) == {"g_a", "h_a", "h_s", "entropy_model", "coding_and_rest"}
+        assert set(dec) == {"h_s", "entropy_model", "g_s", "coding_and_rest"}
+        assert all(seconds > 0 for seconds in (*enc.values(), *dec.values()))
+        assert sum(enc.values()) == pytest.approx(result["compress_s"], abs=0.003)
+        assert sum(dec.values()) == pytest.approx(result["decompress_s"], abs=0.003)
+
+
+def test_part_timer_times_each_call_of_a_part_and_removes_its_hooks(monkeypatch):
+    """Two calls of g_a: both counted; nothing else ran; no hook left behind."""
+    model = build_model("csm-lite", scan_backend="cpu", **tiny_overrides("csm-lite")).eval()
+    ticks = iter(range(100))
+    monkeypatch.setattr(bench_codec.time, "perf_counter", lambda: float(next(ticks)))
+    with torch.no_grad(), bench_codec.part_timer(model) as seconds:
+        model.g_a(torch.rand(1, 3, 64, 64))
+        model.g_a(torch.rand(1, 3, 64, 64))
+    assert seconds == {"g_a": 2.0, "h_a": 0.0, "h_s": 0.0, "entropy_model": 0.0, "g_s": 0.0}
+    assert bench_codec.split_parts(seconds, 5.0) == {"g_a": 2.0, "coding_and_rest": 3.0}
+    assert not model.g_a._forward_hooks and not model.g_a._forward_pre_hooks
 
 
 def test_model_report_counts_every_scan_and_restores_the_fused_kernel():
