@@ -10,7 +10,8 @@ models take turns (one round trip each per round), so that load from elsewhere o
 Untrained weights: the time of an entropy coder depends only weakly on the weights (symbol counts are fixed by the
 image size), so this measures the architecture. Times are seconds, medians over ``--repeats`` after one warm-up.
 ``compress_parts_s`` / ``decompress_parts_s`` split each time between the networks (``PARTS``, timed by forward
-hooks in the same rounds) and ``coding_and_rest``: the rANS coding, quantization and everything between the calls.
+hooks in the same rounds) and ``coding_and_rest``: the rANS coding, quantization and everything between the calls
+(medians part by part, so they add up to about the median total).
 """
 
 import argparse
@@ -59,14 +60,15 @@ def _slice_networks(entropy_model):
 def part_timer(model):
     """Accumulate the wall time of every call of each part's modules into the yielded {part: seconds} dict."""
     seconds = dict.fromkeys(PARTS, 0.0)
+    started = {}  # module -> perf_counter() at the start of its current call
     handles = []
     for part, modules in PARTS.items():
         for module in modules(model):
             def start(module, args):
-                module._bench_start = time.perf_counter()
+                started[module] = time.perf_counter()
 
             def stop(module, args, output, part=part):
-                seconds[part] += time.perf_counter() - module._bench_start
+                seconds[part] += time.perf_counter() - started.pop(module)
 
             handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
     try:
