@@ -10,7 +10,7 @@ import torch.nn as nn
 from compressai.layers import ResidualBlock, conv1x1, conv3x3
 
 from .acp import AdaptiveChannelPartition, ChannelScore
-from .inference import conv1x1_on_parts, cpu_inference
+from .inference import conv1x1_on_parts, cpu_inference, mix_to_parts
 from .ss2d import VSSBlock
 from .swin import ConvTransBlock
 
@@ -121,19 +121,20 @@ class StateSpaceResidualBlock(nn.Module):
             scores = scores[0]
         mix_weight, mix_bias = acp.folded_mix(scores, order)
         pixels = refined.reshape(channels, height * width)  # (C, HW)
-        x_local = torch.addmm(mix_bias[:local_channels, None], mix_weight[:local_channels], pixels)
-        y_local = self.cnn_branch(x_local.view(1, local_channels, height, width))
-        if isinstance(self.ssm_branch, VSSBlock):  # rows = pixels, channels last, as the VSS block works
-            rows = torch.addmm(mix_bias[local_channels:], pixels.t(), mix_weight[local_channels:].t())
+        if isinstance(self.ssm_branch, VSSBlock):  # the SSM share as rows = pixels, channels last, as VSS works
+            x_local, rows = mix_to_parts(pixels, mix_weight, mix_bias, local_channels)
             y_ssm = self.ssm_branch.forward_rows(rows.view(1, height, width, -1)).view(height * width, -1).t()
         else:
+            x_local = torch.addmm(mix_bias[:local_channels, None], mix_weight[:local_channels], pixels)
             x_ssm = torch.addmm(mix_bias[local_channels:, None], mix_weight[local_channels:], pixels)
             y_ssm = self.ssm_branch(x_ssm.view(1, -1, height, width)).view(-1, height * width)
+        y_local = self.cnn_branch(x_local.view(1, local_channels, height, width))
         fusion_weight = self.fusion.weight.flatten(1)
         if order is not None:
             fusion_weight = fusion_weight[:, order]
-        out = conv1x1_on_parts(fusion_weight, self.fusion.bias, (y_local.view(local_channels, -1), y_ssm))
-        return out.view(1, channels, height, width).add_(x)
+        parts = (y_local.view(local_channels, -1), y_ssm)
+        out = conv1x1_on_parts(fusion_weight, self.fusion.bias, parts, residual=x.view(channels, -1))
+        return out.view(1, channels, height, width)
 
 
 class ReleasedConvVSSBlock(nn.Module):

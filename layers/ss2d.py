@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inference import ROWS_PER_STEP, add_mlp_rows, cpu_inference
+from .inference import ROWS_PER_STEP, add_mlp_rows, cpu_inference, linear_rows
 from .scan import resolve_backend, selective_scan
 
 SCAN_DIRECTIONS = (1, 2, 4)
@@ -135,14 +135,14 @@ class SS2D(nn.Module):
     def fused_scan(self, x):
         """``scan`` for inference in one pass of the CPU kernel, channels last: (B, d_inner, H, W) (best in
         channels_last memory format) -> (B, H, W, d_inner). ``x_proj`` of every direction is one product over the
-        pixels; the kernel picks each step's row of it, reads u from the map in each direction's order, forms dt
-        from the low-rank projection and adds every direction's y back at its pixels, so the four direction copies
-        of u, dt, B, C and y are never made. Same function as ``scan``, float32 rounding aside."""
+        pixels (``linear_rows``); the kernel picks each step's row of it, reads u from the map in each direction's
+        order, forms dt from the low-rank projection and adds every direction's y back at its pixels, so the four
+        direction copies of u, dt, B, C and y are never made. Same function as ``scan``, float32 rounding aside."""
         from .scan import cpu
 
         batch, _, height, width = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.d_inner).contiguous()
-        x_dbl = F.linear(pixels, self.x_proj_weight.reshape(-1, self.d_inner))  # (B, L, K * (R + 2N))
+        x_dbl = linear_rows(pixels, self.x_proj_weight.reshape(-1, self.d_inner))  # (B, L, K * (R + 2N))
         y = cpu.load_extension().ss2d_forward(
             pixels,
             x_dbl,
@@ -166,9 +166,9 @@ class SS2D(nn.Module):
 
     def _forward_fused(self, x):
         """``forward`` for CPU inference with the fused scan kernel, channels last throughout (no layout copies): the
-        in-projection's x half as one product, then the scan; the gate half, the norm, the gate and the
+        in-projection's x half (``linear_rows``), then the scan; the gate half, the norm, the gate and the
         out-projection ``ROWS_PER_STEP`` pixels at a time (``_gate_rows``)."""
-        u = F.linear(x, self.in_proj.weight[: self.d_inner]).permute(0, 3, 1, 2)  # (B, d_inner, H, W), channels_last
+        u = linear_rows(x, self.in_proj.weight[: self.d_inner]).permute(0, 3, 1, 2)  # (B, d_inner, H, W), channels_last
         y = self.fused_scan(F.silu(self.conv2d(u), inplace=True))
         return self._gate_rows(x, y)
 

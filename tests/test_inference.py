@@ -3,12 +3,60 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import layers.ss2d
 import layers.swin
-from layers.inference import add_mlp_rows
+from layers.inference import add_mlp_rows, conv1x1_on_parts, linear_rows, mix_to_parts
 from layers.ss2d import VSSBlock
 from layers.swin import SwinBlock
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [16, 1024])  # 70 pixels: four steps of 16 and a short last one; one step
+def test_conv1x1_on_parts_equals_the_convolution_of_the_concatenation(dtype, rows):
+    """A channel-major part and a channels-last one (as the SRB and TCM's block pass them), with and without the
+    residual."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 10, 1).to(dtype)
+    first, second = torch.randn(1, 5, 7, 10, dtype=dtype), torch.randn(1, 7, 10, 7, dtype=dtype)  # 5 + 7 channels
+    residual = torch.randn(1, 10, 7, 10, dtype=dtype)
+    with torch.no_grad():
+        expected = conv(torch.cat((first, second.permute(0, 3, 1, 2)), dim=1))
+        parts = (first.view(5, 70), second.view(70, 7).t())
+        plain = conv1x1_on_parts(conv.weight.flatten(1), conv.bias, parts, rows=rows)
+        with_residual = conv1x1_on_parts(conv.weight.flatten(1), conv.bias, parts, residual.view(10, 70), rows)
+    torch.testing.assert_close(plain.view(1, 10, 7, 10), expected)
+    torch.testing.assert_close(with_residual.view(1, 10, 7, 10), expected + residual)
+
+
+@pytest.mark.parametrize("rows", [16, 1024])
+def test_mix_to_parts_splits_the_convolution_into_a_map_and_rows(rows):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 10, 1)
+    x = torch.randn(1, 12, 7, 10)
+    with torch.no_grad():
+        expected = conv(x)
+        head, tail = mix_to_parts(x.view(12, 70), conv.weight.flatten(1), conv.bias, 4, rows)
+    torch.testing.assert_close(head.view(1, 4, 7, 10), expected[:, :4])
+    torch.testing.assert_close(tail.view(1, 7, 10, 6), expected[:, 4:].permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("rows", [16, 1024])
+def test_linear_rows_equals_linear(rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(9, 6), torch.randn(2, 5, 7, 6)  # 70 pixels over two images
+    actual = linear_rows(x, weight, rows)
+    assert actual.shape == (2, 5, 7, 9) and actual.is_contiguous()
+    torch.testing.assert_close(actual, F.linear(x, weight))
+
+
+def test_products_by_steps_handle_an_empty_map():
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    assert conv1x1_on_parts(weight, bias, (torch.empty(4, 0),), torch.empty(6, 0)).shape == (6, 0)
+    head, tail = mix_to_parts(torch.empty(4, 0), weight, bias, 2)
+    assert head.shape == (2, 0) and tail.shape == (0, 4)
+    assert linear_rows(torch.empty(1, 0, 3, 4), weight).shape == (1, 0, 3, 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
