@@ -25,8 +25,8 @@ def conv1x1_on_parts(weight, bias, parts, residual=None, rows=ROWS_PER_STEP):
     given: ``weight`` (C_out, C_in) and ``bias`` (C_out,), ``parts`` (C_i, HW) matrices of any strides whose C_i add
     up to C_in, in order; ``residual`` (C_out, HW). ``rows`` pixels at a time: each step is one accumulating
     matrix product per part (``addmm``, which FLOP counters see) into a (rows, C_out) block that stays in cache and
-    is then written out, so the products run at in-cache speed instead of streaming the whole map (about twice as
-    fast on a 768x512 image's first stage). Returns (C_out, HW)."""
+    is then written out, so the products run at in-cache speed instead of streaming the whole map (16 % less time
+    for the SRB's fusion on a 768x512 image's first stage). Returns (C_out, HW)."""
     out = torch.empty(weight.shape[0], parts[0].shape[1], dtype=weight.dtype)
     columns, start = [], 0
     for part in parts:
