@@ -28,10 +28,7 @@ def conv1x1_on_parts(weight, bias, parts, residual=None, rows=ROWS_PER_STEP):
     is then written out, so the products run at in-cache speed instead of streaming the whole map (16 % less time
     for the SRB's fusion on a 768x512 image's first stage). Returns (C_out, HW)."""
     out = torch.empty(weight.shape[0], parts[0].shape[1], dtype=weight.dtype)
-    columns, start = [], 0
-    for part in parts:
-        columns.append(weight[:, start : start + part.shape[0]].t())  # (C_i, C_out)
-        start += part.shape[0]
+    columns = [w.t() for w in weight.split([part.shape[0] for part in parts], dim=1)]  # (C_i, C_out) each
     block = torch.empty(min(rows, out.shape[1]), out.shape[0], dtype=weight.dtype)
     for begin in range(0, out.shape[1], rows):
         end = min(begin + rows, out.shape[1])
