@@ -124,6 +124,30 @@ def test_a_failing_stage_is_recorded_not_raised(tmp_path):
     assert json.loads(report.path.read_text())["stages"]["build"]["error"] == "RuntimeError: boom"
 
 
+def test_timing_stage_takes_the_presets_asked_for(tmp_path):
+    """--presets replaces the plan's; the scan shapes come from the first preset with an SSM, not the first."""
+    args = gpu_check.parse_args(["--smoke", "--stages", "timing", "--presets", "tcm-small, csm-small",
+                                 "--output", str(tmp_path / "t.json")])
+    assert args.presets == ("tcm-small", "csm-small") and args.stages == ["timing"]
+    assert gpu_check.main(["--smoke", "--stages", "timing", "--presets", "tcm-small,csm-small",
+                           "--output", str(tmp_path / "t.json")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["plan"]["presets"] == ["tcm-small", "csm-small"]
+    timing = data["stages"]["timing"]
+    assert [(r["preset"], r["scan_backend"]) for r in timing["runs"]] == [
+        ("tcm-small", "none"), ("csm-small", "cpu"), ("csm-small", "torch")]
+    assert timing["scan_shapes"]["preset"] == "csm-small" and "csm-small_forward_cpu_vs_torch" in timing
+
+
+def test_timing_stage_names_an_unknown_preset(tmp_path):
+    assert gpu_check.main(["--smoke", "--stages", "timing", "--presets", "csm-small,nope",
+                           "--output", str(tmp_path / "t.json")]) == 1
+    error = json.loads((tmp_path / "t.json").read_text())["stages"]["timing"]["error"]
+    assert "unknown preset(s) ['nope']" in error and "csm-small" in error
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--presets", " , "])
+
+
 def test_train_crops_are_slices_of_the_image():
     x = torch.arange(3 * 64 * 128, dtype=torch.float32).view(1, 3, 64, 128)
     crops = gpu_check.train_crops(x, batch=4, size=32)
