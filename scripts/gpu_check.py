@@ -1,5 +1,6 @@
 """The GPU check, in one run: build mamba-ssm's kernel for this GPU, show that the ``cuda`` scan backend computes
-what the ``torch`` and ``cpu`` backends compute, and time the ``csm``, ``tcm`` and ``csm-lite`` presets. All figures go to one JSON.
+what the ``torch`` and ``cpu`` backends compute, and time the ``csm``, ``tcm`` and ``csm-lite`` presets. All figures
+go to one JSON.
 
 Stages, each guarded so that a failure is recorded and the JSON is rewritten after every stage:
 
@@ -68,7 +69,7 @@ class Plan:
     )
     cpu_cases: tuple = ("stage3", "context", "hyper")
     backends: tuple = ("cuda", "torch")  # the fast backend first; the second is its reference
-    presets: tuple = ("csm", "tcm", "csm-lite")  # the first gives the scan shapes; the last is cut first by the budget
+    presets: tuple = ("csm", "tcm", "csm-lite")  # the first with an SSM gives the scan shapes; the budget cuts the last
     overrides: tuple = ()  # (name, value) pairs applied to every preset
     image_hw: tuple = (512, 768)  # a landscape Kodak image
     train_batch: int = 8
@@ -694,11 +695,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-jobs", type=int, help="parallel compile jobs (default: $MAX_JOBS, else all CPUs)")
     parser.add_argument("--site", type=Path, default=DEFAULT_SITE, help="private folder for compressai & co.")
     parser.add_argument("--verbose", action="store_true", help="show the kernel build's compiler output")
-    parser.add_argument("--presets", help="comma-separated presets to time, the first with an SSM "
+    parser.add_argument("--presets", help="comma-separated presets to time, in this order "
                                           "(default: csm,tcm,csm-lite; --smoke: csm-small,tcm-small)")
     args = parser.parse_args(argv)
-    if args.presets is not None:  # checked against the registry by the timing stage (models/ needs compressai,
-        args.presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())  # installed by deps)
+    if args.presets is not None:  # names checked by the timing stage: models/ needs compressai, which deps installs
+        args.presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
         if not args.presets:
             parser.error("--presets: no preset named")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
