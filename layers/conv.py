@@ -10,12 +10,20 @@ input or output channels (1.3-2.8x at 32), and on small products of channels and
 
 ``WinogradConv2d`` is a ``nn.Conv2d`` (same parameters and state-dict keys) that takes that path when it applies:
 float32 CPU inference (``layers.inference.cpu_inference``), a convolution and map large enough (``MIN_PIXELS``,
-``MIN_CHANNELS``, ``MIN_WORK``), and NNPACK built into PyTorch. Otherwise (training, float64, CUDA, autocast, small
-convolutions) it is ``nn.Conv2d``.
+``MIN_CHANNELS``, ``MIN_WORK``), NNPACK built into PyTorch and its thread pool at torch's thread count (below).
+Otherwise (training, float64, CUDA, autocast, small convolutions) it is ``nn.Conv2d``.
 ``use_winograd(module)`` turns a module's eligible convolutions into it, in place. The results differ from the
 direct convolution by float32 rounding only (about 2e-5 of the output's scale, the transforms' rounding), and are
 the same from run to run.
+
+PyTorch makes NNPACK's thread pool at its first convolution, with the thread count of that moment, and never
+resizes it: after ``torch.set_num_threads`` changes the count, the Winograd path would run on the old number of
+threads (measured: 128 channels on 256x384 pixels took 0.14 s on a pool of 1 thread whether torch was set to 1 or
+2 threads, 0.09 s on a pool of 2). So the path is taken only while the count is the pool's, and a warning says so
+once; set the thread count before the first inference.
 """
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -25,6 +33,9 @@ from .inference import cpu_inference
 MIN_PIXELS = 1024  # below this (e.g. 16x24) the transforms cost more than they save
 MIN_CHANNELS = 48  # input and output channels; at 32 oneDNN's direct convolution is faster on any map
 MIN_WORK = 40_000_000  # in_channels * out_channels * pixels; below, the transforms' share is too large
+
+log = logging.getLogger("csm.conv")
+_pool = {"threads": None, "warned": False}  # the thread count NNPACK's pool was made with (None: not yet made)
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -36,6 +47,8 @@ class WinogradConv2d(nn.Conv2d):
 
     def _conv_forward(self, input, weight, bias):
         if winograd_applies(self, input):
+            if _pool["threads"] is None:  # this call makes the pool
+                _pool["threads"] = torch.get_num_threads()
             return torch._nnpack_spatial_convolution(input.contiguous(), weight.contiguous(), bias, list(self.padding))
         return super()._conv_forward(input, weight, bias)
 
@@ -52,7 +65,26 @@ def winograd_applies(conv, input):
         and conv.in_channels * conv.out_channels * input.shape[-2] * input.shape[-1] >= MIN_WORK
         and cpu_inference(input, conv)
         and winograd_available()
+        and pool_has_current_threads()
     )
+
+
+def pool_has_current_threads():
+    """Whether NNPACK's thread pool is not made yet or has torch's current thread count (see the module's
+    docstring); warns once when it has not."""
+    threads = torch.get_num_threads()
+    if _pool["threads"] in (None, threads):
+        return True
+    if not _pool["warned"]:
+        _pool["warned"] = True
+        log.warning(
+            "NNPACK's thread pool was made with %d threads and torch now has %d: while the counts differ, 3x3 "
+            "convolutions run as direct convolutions, without Winograd's speed-up; set torch's thread count before "
+            "the first inference",
+            _pool["threads"],
+            threads,
+        )
+    return False
 
 
 _AVAILABLE = None

@@ -19,6 +19,14 @@ def winograd_conv(cin, cout, bias=True):
     return conv
 
 
+@pytest.fixture(autouse=True)
+def fresh_pool_record(monkeypatch):
+    """Each test starts as if NNPACK's pool were not made yet: an earlier test may have made it while torch ran on
+    another thread count (tests of small tensors run on one), which would send the Winograd path to the direct
+    convolution (test_winograd_only_at_the_pools_thread_count)."""
+    monkeypatch.setattr(wconv, "_pool", {"threads": None, "warned": False})
+
+
 @pytest.fixture
 def nnpack_calls(monkeypatch):
     """Counts the calls of NNPACK's convolution; the size gates other than MIN_PIXELS are lowered so that small
@@ -63,6 +71,26 @@ def test_winograd_takes_non_contiguous_input_and_repeats_exactly(nnpack_calls):
     assert len(nnpack_calls) == 2
     assert torch.equal(first, second)
     torch.testing.assert_close(first, direct, rtol=0, atol=1e-4 * direct.abs().max().item())
+
+
+@needs_nnpack
+def test_winograd_only_at_the_pools_thread_count(nnpack_calls, caplog):
+    """The first Winograd convolution records the thread count NNPACK's pool is made with; once torch's count
+    differs, the direct convolution runs instead, with one warning."""
+    conv = winograd_conv(32, 32)
+    x = torch.randn(1, 32, 40, 48)
+    with torch.no_grad():
+        conv(x)
+        assert nnpack_calls and wconv._pool["threads"] == torch.get_num_threads()
+        wconv._pool["threads"] = torch.get_num_threads() + 1  # as after torch.set_num_threads changed the count
+        with caplog.at_level("WARNING", logger="csm.conv"):
+            outs = [conv(x), conv(x)]
+        direct = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+        assert not winograd_applies(conv, x)
+    assert len(nnpack_calls) == 1
+    assert all(torch.equal(out, direct) for out in outs)
+    warnings = [r for r in caplog.records if r.name == "csm.conv"]
+    assert len(warnings) == 1 and "thread pool" in warnings[0].getMessage()
 
 
 @pytest.mark.parametrize("case", ["grad", "float64", "small", "disabled", "autocast"])
