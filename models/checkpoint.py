@@ -2,8 +2,13 @@
 
 Our format (a dict of tensors and plain types, loadable with ``torch.load(weights_only=True)``)::
 
-    {"format": "csm-checkpoint", "version": 1, "preset": str | None, "config": CSMConfig as a dict,
+    {"format": "csm-checkpoint", "version": 2, "arch": "csm", "preset": str | None, "config": CSMConfig as a dict,
      "lambda": float | None, "state_dict": {...}, ...training state added by train.py...}
+
+or, for a CompressAI architecture (``registry.build_compressai_model``), ``"arch": "compressai:<arch>"`` and
+``"arch_args": {constructor argument: value}`` instead of ``preset`` and ``config``. Version 1 (before CompressAI
+architectures) had no ``arch`` and is read as ``"csm"``; version-2 CSM files still hold ``preset`` and ``config``, so
+code that reads version 1 reads them too.
 
 ``load_checkpoint`` also accepts CompressAI-style files (a raw state dict, or one wrapped under ``state_dict``,
 ``network`` or ``model_state_dict``) from DataParallel/DDP (``module.``) or ``torch.compile`` (``_orig_mod.``), and
@@ -16,12 +21,17 @@ from pathlib import Path
 
 import torch
 
+from compressai.entropy_models import EntropyBottleneck
+from compressai.models import CompressionModel
+from compressai.models.utils import remap_old_keys
+from compressai.zoo import load_state_dict as compressai_zoo_keys
+
 from .config import CSMConfig
 from .csm import CSM
-from .registry import build_model, preset_config
+from .registry import CSM_ARCH, architecture, build_model, describe, is_compressai
 
 FORMAT = "csm-checkpoint"
-VERSION = 1
+VERSION = 2
 WRAPPER_KEYS = ("state_dict", "network", "model_state_dict", "model")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 # The released code (and TCM) keep the entropy model's modules at the top level of the model.
@@ -40,7 +50,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
-    """Write ``model`` (config, preset, lambda, state dict) and ``extra`` plain entries to ``path`` atomically.
+    """Write ``model`` (its ``architecture``, lambda, state dict) and ``extra`` plain entries to ``path`` atomically.
 
     The file is written to a temporary file in the same folder and renamed, so an interrupted save never leaves a
     truncated checkpoint behind. ``weights_dtype=torch.float16`` stores floating-point weights in half precision
@@ -53,8 +63,7 @@ def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "preset": model.preset,
-        "config": model.config.to_dict(),
+        **architecture(model),
         "lambda": None if lmbda is None else float(lmbda),
         "state_dict": state_dict,
         **extra,
@@ -76,11 +85,12 @@ def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
 
 
 def unwrap_model(model):
-    """The CSM inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while not isinstance(model, CSM):
+    """The model (a CSM or any CompressAI ``CompressionModel``) inside DistributedDataParallel / DataParallel /
+    torch.compile wrappers."""
+    while not isinstance(model, CompressionModel):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"expected a CSM model, got {type(model).__name__}")
+            raise TypeError(f"expected a compression model, got {type(model).__name__}")
         model = inner
     return model
 
@@ -100,11 +110,27 @@ def read_checkpoint(path, map_location="cpu"):
         ) from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict of weights")
+    version = data.get("version", 1)
+    if data.get("format") == FORMAT and (not isinstance(version, int) or version > VERSION):
+        raise CheckpointError(
+            f"checkpoint {path} is format version {version!r}; this code reads versions 1 to {VERSION} (a newer "
+            "version of the code wrote it)"
+        )
     return data
 
 
-def extract_state_dict(data):
-    """The model weights of a loaded checkpoint dict in our key layout (wrappers and prefixes removed)."""
+def checkpoint_arch(data):
+    """The architecture a checkpoint dict of our format names: ``"csm"`` (also for version 1) or
+    ``"compressai:<arch>"``; None for files of other formats."""
+    return data.get("arch", CSM_ARCH) if data.get("format") == FORMAT else None
+
+
+def extract_state_dict(data, released_layout=True):
+    """The model weights of a loaded checkpoint dict in our key layout (wrappers and prefixes removed).
+
+    ``released_layout`` moves the released code's top-level entropy-model keys under ``entropy_model.`` (a CSM's
+    layout); False keeps them where they are (CompressAI's architectures have their ``gaussian_conditional`` there).
+    """
     state = data
     for key in WRAPPER_KEYS:
         if isinstance(data.get(key), dict):
@@ -120,10 +146,23 @@ def extract_state_dict(data):
             for prefix in STRIP_PREFIXES:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix) :], True
-        if key.startswith(ENTROPY_MODEL_KEYS):
+        if released_layout and key.startswith(ENTROPY_MODEL_KEYS):
             key = "entropy_model." + key
         out[key] = value
     return out
+
+
+def state_dict_for(model, data):
+    """The weights of checkpoint dict ``data`` in ``model``'s key layout: ``extract_state_dict``, with the released
+    code's entropy-model keys moved for a CSM; for a CompressAI architecture, the older key names of CompressAI's
+    pretrained files renamed as its zoo and ``CompressionModel.load_state_dict`` rename them."""
+    if isinstance(model, CSM):
+        return extract_state_dict(data)
+    state_dict = compressai_zoo_keys(extract_state_dict(data, released_layout=False))
+    for name, module in model.named_modules():
+        if isinstance(module, EntropyBottleneck):
+            state_dict = remap_old_keys(name, state_dict)
+    return dict(state_dict)
 
 
 def infer_preset(state_dict):
@@ -172,34 +211,46 @@ def load_state_dict_checked(model, state_dict, source="checkpoint"):
     """``model.load_state_dict(strict=True)`` with a readable diff instead of PyTorch's wall of keys."""
     diff = describe_mismatch(model, state_dict)
     if diff:
-        name = model.preset or "model"
-        raise CheckpointError(f"{source} does not match {name!r} ({model.config.N=}, {model.config.M=}):\n{diff}")
+        raise CheckpointError(f"{source} does not match {describe(model)}:\n{diff}")
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
 def model_from_checkpoint(data, preset=None, scan_backend="auto", source="checkpoint", **overrides):
-    """Rebuild the model a loaded checkpoint dict describes and load its weights."""
-    state_dict = extract_state_dict(data)
-    if data.get("format") == FORMAT and preset is None:
+    """Rebuild the model a loaded checkpoint dict describes and load its weights.
+
+    ``preset`` (a preset or ``compressai:<arch>``) and ``overrides`` build the model for a file without our
+    description (a raw state dict: CompressAI-style, released); for our files, ``overrides`` change the stored
+    config or constructor arguments.
+    """
+    arch = checkpoint_arch(data)
+    if arch == CSM_ARCH and preset is None:
         try:
             config = CSMConfig.from_dict({**data["config"], **overrides})
-        except (TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: invalid model config ({exc})") from exc
         model = CSM(config, preset=data.get("preset"), scan_backend=scan_backend)
+    elif arch is not None and preset is None:
+        if not is_compressai(arch) or not isinstance(data.get("arch_args"), dict):
+            raise CheckpointError(f"{source}: unknown architecture {arch!r} (or no arch_args): not a model we build")
+        try:
+            model = build_model(arch, **{**data["arch_args"], **overrides})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: cannot build {arch!r} ({exc})") from exc
     else:
         if preset is None:
-            preset, inferred = infer_preset(state_dict)
+            preset, inferred = infer_preset(extract_state_dict(data))
             overrides = {**inferred, **overrides}
-        model = CSM(preset_config(preset, **overrides), preset=preset, scan_backend=scan_backend)
-    return load_state_dict_checked(model, state_dict, source)
+        model = build_model(preset, scan_backend=scan_backend, **overrides)
+    return load_state_dict_checked(model, state_dict_for(model, data), source)
 
 
 def load_checkpoint(path, map_location="cpu", preset=None, scan_backend="auto", **overrides):
     """Rebuild and load the model stored in ``path`` (no flags needed for our own checkpoints).
 
-    Returns the model in eval mode; ``model.checkpoint_info`` holds the preset, lambda and training metadata
-    (epoch, step) of the file when present. ``preset``/``overrides`` are only needed for files without a config.
+    Returns the model in eval mode; ``model.checkpoint_info`` holds the preset (``compressai:<arch>`` for a CompressAI
+    architecture), lambda and training metadata (epoch, step) of the file when present. ``preset``/``overrides``
+    are only needed for files without our description.
     """
     data = read_checkpoint(path, map_location)
     model = model_from_checkpoint(data, preset, scan_backend, source=f"checkpoint {path}", **overrides)

@@ -1,26 +1,35 @@
-"""The assembled CSM models: forward, gradients, exact compress/decompress, presets, checkpoints."""
+"""The assembled CSM models: forward, gradients, exact compress/decompress, presets, checkpoints; CompressAI's
+architectures by name."""
 
 import json
 import subprocess
 import sys
 
+import compressai.zoo
 import pytest
 import torch
+from compressai.models import MeanScaleHyperprior
 
 from models import (
+    COMPRESSAI_PREFIX,
     PRESETS,
     CheckpointError,
     ModelNotUpdatedError,
+    architecture,
     build_model,
+    compressai_arguments,
     list_models,
     load_checkpoint,
+    pad_multiple,
     save_checkpoint,
 )
 from models.checkpoint import ENTROPY_MODEL_KEYS
 from models.registry import SMALL
+from scripts import export_checkpoint
 from tests.helpers import REPO, shared_data, tiny_overrides
 from utils.image import load_image, pad_center
 from utils.metrics import bpp_from_likelihoods, bpp_from_strings
+from utils.training import has_unused_parameters
 
 CODED_PRESETS = ["csm", "csm-ref", "tcm"]
 
@@ -244,3 +253,102 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     weight = loaded.g_a[0].conv1.weight
     assert weight.dtype == torch.float32
     assert torch.equal(weight, model.g_a[0].conv1.weight.half().float())
+
+
+# --- CompressAI architectures ---------------------------------------------------------------------------------------
+def test_compressai_architectures_are_listed_built_and_code():
+    assert [n for n in list_models() if n.startswith(COMPRESSAI_PREFIX)] == [
+        COMPRESSAI_PREFIX + name for name in sorted(compressai.zoo.image_models)
+    ]
+    torch.manual_seed(0)
+    model = build_model("compressai:mbt2018-mean", N=8, M=16)
+    assert isinstance(model, MeanScaleHyperprior) and model.preset == "compressai:mbt2018-mean"
+    assert architecture(model) == {"arch": "compressai:mbt2018-mean", "arch_args": {"N": 8, "M": 16}}
+    x = torch.rand(1, 3, 64, 64)
+    out = model(x)
+    assert out["x_hat"].shape == x.shape
+    assert out["likelihoods"]["y"].shape == (1, 16, 4, 4) and out["likelihoods"]["z"].shape == (1, 8, 1, 1)
+    # Its forward leaves only the quantiles (the aux loss's, averaged by train_step, not DDP) without a gradient.
+    assert not has_unused_parameters(model, "cpu")
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []  # left as they were
+    out = model(torch.rand(1, 3, 64, 64))
+    out["x_hat"].mean().backward()
+    assert model.entropy_bottleneck.quantiles.grad is None
+    model.zero_grad(set_to_none=True)
+    model.eval().update(force=True)
+    with torch.no_grad():
+        estimate = bpp_from_likelihoods(model(x)["likelihoods"], 64 * 64).item()
+        encoded = model.compress(x)
+        decoded = model.decompress(encoded["strings"], encoded["shape"])
+    assert decoded["x_hat"].shape == x.shape and 0 < estimate <= bpp_from_strings(encoded["strings"], 64 * 64)
+    assert pad_multiple(model) == 64 and pad_multiple(build_model("compressai:bmshj2018-factorized", N=8, M=8)) == 16
+    # Defaults: the constructor's, else the widths of CompressAI's quality-1 model.
+    assert compressai_arguments("compressai:mbt2018-mean") == {"N": 128, "M": 192}
+    assert compressai_arguments("compressai:cheng2020-anchor") == {"N": 128}
+
+
+def test_unknown_compressai_architectures_and_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'compressai:nope': CompressAI's image architectures are "):
+        build_model("compressai:nope")
+    with pytest.raises(ValueError, match="compressai:cheng2020-anchor takes no argument.s. M; its arguments: N"):
+        build_model("compressai:cheng2020-anchor", N=8, M=16)
+
+
+def test_compressai_checkpoint_round_trip_and_half_export(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("compressai:mbt2018-mean", N=8, M=16).eval()
+    path = save_checkpoint(tmp_path / "mbt.pth.tar", model, lmbda=0.0067)
+    stored = torch.load(path, weights_only=True)
+    assert {k: v for k, v in stored.items() if k != "state_dict"} == {
+        "format": "csm-checkpoint", "version": 2, "arch": "compressai:mbt2018-mean", "arch_args": {"N": 8, "M": 16},
+        "lambda": 0.0067,
+    }
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, MeanScaleHyperprior) and loaded.arch_args == {"N": 8, "M": 16}
+    assert loaded.checkpoint_info["preset"] == "compressai:mbt2018-mean"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["x_hat"], model(x)["x_hat"])
+
+    export_checkpoint.main([str(path), str(tmp_path / "half.pth.tar"), "--half"])
+    half = torch.load(tmp_path / "half.pth.tar", weights_only=True)
+    assert half["arch"] == "compressai:mbt2018-mean" and half["state_dict"]["g_a.0.weight"].dtype == torch.float16
+    exported = load_checkpoint(tmp_path / "half.pth.tar")
+    assert not exported.update()  # the entropy-coder tables came with the file
+    assert torch.equal(exported.g_a[0].weight, model.g_a[0].weight.half().float())
+    encoded = exported.compress(x)
+    assert exported.decompress(encoded["strings"], encoded["shape"])["x_hat"].shape == x.shape
+
+    # CompressAI's own files (a raw state dict, here with a DDP prefix and the entropy bottleneck's parameter names
+    # of its older pretrained files, "_matrices.0") load by naming the architecture.
+    old_names = {f"entropy_bottleneck.{name}.": f"entropy_bottleneck._{name}." for name in ("matrices", "biases",
+                                                                                          "factors")}
+    raw = {}
+    for key, value in model.state_dict().items():
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        raw["module." + key] = value
+    assert "module.entropy_bottleneck._matrices.0" in raw
+    torch.save(raw, tmp_path / "raw.pth")
+    loaded_raw = load_checkpoint(tmp_path / "raw.pth", preset="compressai:mbt2018-mean", N=8, M=16)
+    with torch.no_grad():
+        assert torch.equal(loaded_raw(x)["x_hat"], model(x)["x_hat"])
+
+
+def test_checkpoint_versions_and_kinds(tmp_path):
+    csm_model = tiny("csm")
+    data = torch.load(save_checkpoint(tmp_path / "csm.pth.tar", csm_model), weights_only=True)
+    assert data["arch"] == "csm" and data["version"] == 2 and "config" in data  # version-1 readers still read it
+    version1 = {k: v for k, v in data.items() if k != "arch"} | {"version": 1}
+    torch.save(version1, tmp_path / "v1.pth.tar")
+    assert load_checkpoint(tmp_path / "v1.pth.tar").config == csm_model.config
+    torch.save(data | {"version": 3}, tmp_path / "v3.pth.tar")
+    with pytest.raises(CheckpointError, match="format version 3; this code reads versions 1 to 2"):
+        load_checkpoint(tmp_path / "v3.pth.tar")
+    compressai_file = save_checkpoint(tmp_path / "mbt.pth.tar", build_model("compressai:mbt2018-mean", N=8, M=16))
+    with pytest.raises(CheckpointError, match="does not match 'csm'"):
+        load_checkpoint(compressai_file, preset="csm", **tiny_overrides("csm"))
+    with pytest.raises(CheckpointError, match="does not match 'compressai:mbt2018-mean' .N=8, M=16."):
+        load_checkpoint(tmp_path / "csm.pth.tar", preset="compressai:mbt2018-mean", N=8, M=16)
+    with pytest.raises(TypeError, match="build it with build_model"):
+        save_checkpoint(tmp_path / "bare.pth.tar", MeanScaleHyperprior(8, 16))

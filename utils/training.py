@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models import CheckpointError, CSMConfig, unwrap_model
-from models.checkpoint import FORMAT, extract_state_dict, load_state_dict_checked
+from models import CheckpointError, CSMConfig, architecture, checkpoint_arch, unwrap_model
+from models.checkpoint import load_state_dict_checked, state_dict_for
 from utils.metrics import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim, mse, psnr
 
 METRICS = ("mse", "ms-ssim")
@@ -59,12 +59,17 @@ class RateDistortionLoss(nn.Module):
         return result
 
 
+def is_aux_parameter(name):
+    """CompressAI's convention: parameters named ``*.quantiles`` (the entropy bottlenecks') are auxiliary."""
+    return name.endswith(".quantiles")
+
+
 def split_parameters(model):
-    """(main, aux) parameter lists, CompressAI's convention: names ending in ``.quantiles`` are auxiliary."""
+    """(main, aux) parameter lists (``is_aux_parameter``)."""
     main, aux = [], []
     for name, param in unwrap_model(model).named_parameters():
         if param.requires_grad:
-            (aux if name.endswith(".quantiles") else main).append(param)
+            (aux if is_aux_parameter(name) else main).append(param)
     if not aux:
         raise ValueError("the model has no '.quantiles' parameters for the auxiliary optimizer")
     return main, aux
@@ -175,21 +180,37 @@ def config_differences(a, b):
 def load_weights(model, data, source):
     """Load the weights of checkpoint dict ``data`` into ``model``, which must be the model the file describes.
 
-    Our own files carry their config, which must equal the model's (else a one-line CheckpointError naming the
-    differing fields); other files (released / CompressAI-style) must match key for key and shape for shape.
+    Our own files name their architecture, which must be the model's, and carry its config (CSM) or constructor
+    arguments (CompressAI architectures), which must equal the model's (else a one-line CheckpointError naming the
+    differences); other files (released / CompressAI-style) must match key for key and shape for shape.
     """
-    if data.get("format") == FORMAT and "config" in data:
-        try:
-            stored = CSMConfig.from_dict(data["config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{source}: invalid model config ({exc})") from exc
-        diff = config_differences(stored, model.config)
+    net = unwrap_model(model)
+    stored_arch = checkpoint_arch(data)
+    if stored_arch is not None:
+        own = architecture(net)
+        if stored_arch != own["arch"]:
+            stored_name = data.get("preset") or stored_arch
+            raise CheckpointError(
+                f"{source} holds a {stored_name!r} model, this run builds {net.preset or own['arch']!r}: pass "
+                f"-m {stored_name} and the overrides of the run that wrote it"
+            )
+        if "config" in own:
+            try:
+                stored = CSMConfig.from_dict(data["config"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{source}: invalid model config ({exc})") from exc
+            diff = config_differences(stored, net.config)
+        else:
+            stored_args = data.get("arch_args") or {}
+            diff = [f"{k}: {stored_args.get(k)!r} vs {own['arch_args'].get(k)!r}"
+                    for k in sorted(set(stored_args) | set(own["arch_args"]))
+                    if stored_args.get(k) != own["arch_args"].get(k)]
         if diff:
             raise CheckpointError(
-                f"{source} holds a different model ({data.get('preset')!r}; checkpoint vs this run: "
+                f"{source} holds a different model ({data.get('preset') or stored_arch!r}; checkpoint vs this run: "
                 f"{'; '.join(diff)}); pass the same --model and overrides as the run that wrote it"
             )
-    return load_state_dict_checked(model, extract_state_dict(data), source)
+    return load_state_dict_checked(net, state_dict_for(net, data), source)
 
 
 def capture_rng_state():
@@ -224,15 +245,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def exclude_aux_from_ddp(model):
+    """Make DistributedDataParallel leave the aux parameters alone (call on the model before wrapping it):
+    ``train_step`` averages their gradients itself, after the aux loss's backward. That backward runs once DDP's
+    iteration has ended, and a parameter that only the aux loss reaches (the quantiles of CompressAI's
+    architectures, whose forward does not use them) would be found used there, which DDP refuses at the next step.
+    DDP then does not broadcast them either: every process starts from the same values (the entropy bottleneck's
+    fixed initialisation, or the checkpoint's)."""
+    names = [name for name, _ in model.named_parameters() if is_aux_parameter(name)]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
 def has_unused_parameters(model, device, size=64):
-    """Whether a forward/backward on a random ``size`` x ``size`` image leaves a trainable parameter without a
-    gradient (DDP then needs ``find_unused_parameters``). Leaves RNG states and gradients as they were."""
+    """Whether a forward/backward on a random ``size`` x ``size`` image leaves a trainable parameter other than the
+    aux ones (``exclude_aux_from_ddp``) without a gradient (DDP then needs ``find_unused_parameters``). Leaves RNG
+    states and gradients as they were."""
     device = torch.device(device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         output = model(torch.rand(1, 3, size, size, device=device))
         total = output["x_hat"].float().mean() + sum(v.float().log().sum() for v in output["likelihoods"].values())
         total.backward()
-    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    unused = [name for name, p in model.named_parameters()
+              if p.requires_grad and p.grad is None and not is_aux_parameter(name)]
     model.zero_grad(set_to_none=True)
     return bool(unused)
