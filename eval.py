@@ -2,12 +2,13 @@
 
     python eval.py --checkpoint CKPT [CKPT ...] --data DATA [--cuda] [-o results.json]
 
-Every checkpoint is one RD point; the model is rebuilt from the config stored in the file. By default each image
-is entropy coded and decoded: bpp counts the real bytes, PSNR/MS-SSIM use the decoded image, encode and decode
-times are measured separately (seconds, after one untimed warm-up image), and the decoded latents are checked
-against the encoder's. --estimate-only skips coding and reports the likelihood estimate as bpp. The results JSON
-follows CompressAI's schema (python -m compressai.utils.plot, scripts/plot_rd.py and utils.rd.load_rd read it);
-utils/evaluation.py holds the measuring and says every convention.
+Every checkpoint is one RD point; the model is rebuilt from the config stored in the file (train.py's checkpoints
+of CompressAI architectures, ``-m compressai:ARCH``, too). By default each image is entropy coded and decoded: bpp
+counts the real bytes, PSNR/MS-SSIM use the decoded image, encode and decode times are measured separately
+(seconds, after one untimed warm-up image), and the decoded latents are checked against the encoder's (not for
+CompressAI's architectures, which return no latents: null in the JSON). --estimate-only skips coding and reports
+the likelihood estimate as bpp. The results JSON follows CompressAI's schema (python -m compressai.utils.plot,
+scripts/plot_rd.py and utils.rd.load_rd read it); utils/evaluation.py holds the measuring and says every convention.
 """
 
 import argparse
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from layers.ss2d import SS2D  # noqa: E402
-from models import PAD_MULTIPLE, CheckpointError, load_checkpoint  # noqa: E402
+from models import PAD_MULTIPLE, CheckpointError, architecture, load_checkpoint, pad_multiple  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvaluationError,
@@ -34,6 +35,7 @@ from utils.evaluation import (  # noqa: E402
     find_images,
     format_per_image,
     format_table,
+    note,
     recon_folders,
     results_document,
     software_versions,
@@ -43,7 +45,7 @@ from utils.evaluation import (  # noqa: E402
 )
 
 
-def pad_multiple(text: str) -> int:
+def pad_argument(text: str) -> int:
     """argparse type: a positive multiple of the model's stride (64; 128 is what TCM-family scripts used)."""
     value = int(text)
     if value < PAD_MULTIPLE or value % PAD_MULTIPLE:
@@ -58,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True,
                         help="folder of images (PNG, JPEG, BMP, TIFF, WebP; grayscale/alpha/16-bit become 8-bit RGB)")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU (error if CUDA is unavailable)")
-    parser.add_argument("--pad", type=pad_multiple, default=PAD_MULTIPLE,
+    parser.add_argument("--pad", type=pad_argument, default=PAD_MULTIPLE,
                         help="centred zero padding to a multiple of this, cropped back (default: %(default)s; "
                              "128 to compare with TCM-family scripts)")
     parser.add_argument("--estimate-only", action="store_true",
@@ -87,9 +89,15 @@ def scan_backend_in_use(model, device: torch.device) -> str:
 def evaluate_checkpoint(path: Path, images: list[Path], device: torch.device, args, recon_dir) -> dict:
     """One RD point {"checkpoint", "summary", "records"}; raises CheckpointError or EvaluationError."""
     model = load_checkpoint(path, map_location=device, scan_backend=args.scan_backend)
+    if args.pad % pad_multiple(model):
+        raise CheckpointError(f"{path}: {model.preset} needs sides padded to a multiple of {pad_multiple(model)}, "
+                              f"not of --pad {args.pad}")
     model.update(force=True)
     records = evaluate_model(model, images, device, args.pad, args.estimate_only, recon_dir, label=path.name)
-    info = {**model.checkpoint_info, "path": str(path.resolve()), "config": model.config.to_dict(),
+    if not args.estimate_only and records[0]["round_trip"] is None:
+        note(f"{path.name}: {model.preset} returns no y_hat from compress/decompress: latent round-trip check skipped "
+             "(null in the JSON)")
+    info = {**model.checkpoint_info, "path": str(path.resolve()), **architecture(model),
             "scan_backend": scan_backend_in_use(model, device)}
     return {"checkpoint": info, "summary": summarize(records), "records": records}
 
@@ -157,7 +165,7 @@ def main(argv=None) -> None:
     }
     document = results_document(points, name, description, args.estimate_only, meta)
     output = args.output or Path("results") / "eval" / (
-        f"{name}-{args.data.resolve().name}{'-est' if args.estimate_only else ''}.json")
+        f"{name.replace(':', '-')}-{args.data.resolve().name}{'-est' if args.estimate_only else ''}.json")
     if args.per_image:
         print(format_per_image(document) + "\n")
     print(format_table(document))
@@ -165,7 +173,7 @@ def main(argv=None) -> None:
         write_json(output, document)
     except OSError as err:
         raise SystemExit(f"error: cannot write {output}: {err}") from None
-    failures = sum(document["results"].get("round_trip_failures", []))
+    failures = sum(f or 0 for f in document["results"].get("round_trip_failures", []))
     if failures:
         warn(f"{failures} ROUND-TRIP MISMATCH(ES): decoded latents differ from the encoder's (see above)")
     if failed:

@@ -4,6 +4,7 @@
         --save_path CKPT --save --checkpoint PRETRAINED
     torchrun --nproc_per_node=4 train.py -d DATA --cuda ...      # one process per GPU (DDP)
     python train.py -d DATA --save_path CKPT --resume            # continue CKPT/checkpoint_latest.pth.tar
+    python train.py -d DATA -m compressai:mbt2018-mean --N 64 --M 96 ...   # a CompressAI architecture, same recipe
 
 DATA holds train/ and val/ (or test/) folders of images (searched recursively), or is a flat folder of training
 images given with --val-dataset. Training uses random crops of --patch-size, validation the centre crops.
@@ -29,11 +30,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from layers.scan import BACKENDS, resolve_backend
-from models import CheckpointError, build_model, list_models, read_checkpoint, save_checkpoint
+from models import (CheckpointError, build_model, compressai_architectures, compressai_arguments, is_compressai,
+                    list_models, read_checkpoint, save_checkpoint)
 from utils.data import DataError, EpochSampler, PatchDataset, ShardSampler, resolve_dataset_folders
 from utils.training import (AMP_DTYPES, METRICS, RateDistortionLoss, capture_rng_state, configure_optimizers,
-                            evaluate, has_unused_parameters, load_weights, restore_rng_state, seed_everything,
-                            train_step)
+                            evaluate, exclude_aux_from_ddp, has_unused_parameters, load_weights, restore_rng_state,
+                            seed_everything, train_step)
 
 log = logging.getLogger("csm.train")
 
@@ -81,11 +83,15 @@ def override(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model (a preset plus overrides of its config)")
+    model = parser.add_argument_group("model (a preset plus overrides of its config, or a CompressAI architecture)")
     model.add_argument("-m", "--model", default="csm", choices=list_models(), metavar="NAME",
-                       help=f"preset: {', '.join(list_models())} (default: %(default)s)")
-    model.add_argument("--N", type=positive_int, help="half the transforms' width (blocks run at 2N channels)")
-    model.add_argument("--M", type=positive_int, help="channels of the latent y")
+                       help=f"preset: {', '.join(n for n in list_models() if not is_compressai(n))}; or "
+                            f"compressai:ARCH, CompressAI's architecture ARCH, one of "
+                            f"{', '.join(compressai_architectures())}, with --N/--M as its constructor's N and M "
+                            "(default: %(default)s)")
+    model.add_argument("--N", type=positive_int, help="half the transforms' width (blocks run at 2N channels); "
+                                                       "a CompressAI architecture's N")
+    model.add_argument("--M", type=positive_int, help="channels of the latent y (also a CompressAI architecture's)")
     model.add_argument("--Z", type=positive_int, help="channels of the hyper-latent z")
     model.add_argument("--acp", choices=("adaptive", "static", "none"), help="adaptive channel partition mode")
     model.add_argument("--no-ssm-branch", dest="ssm_branch", action="store_const", const=False,
@@ -167,11 +173,32 @@ def parse_args(argv=None):
         parser.error(f"--patch-size must be multiples of 64 (the model's stride); got {args.patch_size}")
     if args.type == "ms-ssim" and min(args.patch_size) < 161:
         parser.error("--type ms-ssim needs patches of at least 192x192 (MS-SSIM's 5 scales need 161 pixels)")
+    if is_compressai(args.model):
+        widths = [k for k in ("N", "M") if k in compressai_arguments(args.model)]
+        refused = [flag for flag, given in CSM_ONLY_FLAGS.items() if given(args)]
+        refused += [f"--{k}" for k in ("N", "M") if getattr(args, k) is not None and k not in widths]
+        if refused:
+            parser.error(f"{', '.join(refused)}: not an option of {args.model}, which takes "
+                         f"{' and '.join('--' + k for k in widths)} only")
     if args.save_path is None:
-        args.save_path = f"runs/{args.model}_{args.type}_lambda{args.lmbda:g}"
+        args.save_path = f"runs/{args.model.replace(':', '-')}_{args.type}_lambda{args.lmbda:g}"
     if args.resume and args.checkpoint is None:
         args.checkpoint = str(Path(args.save_path) / LATEST)
     return parser, args
+
+
+# Model options of the CSM family only: refused with a CompressAI architecture.
+CSM_ONLY_FLAGS = {
+    "--Z": lambda a: a.Z is not None,
+    "--acp": lambda a: a.acp is not None,
+    "--no-ssm-branch": lambda a: a.ssm_branch is not None,
+    "--scan-directions": lambda a: a.scan_directions is not None,
+    "--context": lambda a: a.context is not None,
+    "--num-slices": lambda a: a.num_slices is not None,
+    "--fusion": lambda a: a.fusion is not None,
+    "--override": lambda a: bool(a.override),
+    "--scan-backend": lambda a: a.scan_backend != "auto",
+}
 
 
 def model_overrides(args):
@@ -274,6 +301,7 @@ class Trainer:
 
         self.model = self.net
         if session.distributed:
+            exclude_aux_from_ddp(self.net)
             find_unused = has_unused_parameters(self.net, session.device)
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[session.local_rank] if args.cuda else None, find_unused_parameters=find_unused
@@ -350,8 +378,9 @@ class Trainer:
     def _describe(self):
         args, s = self.args, self.session
         params = sum(p.numel() for p in self.net.parameters())
+        scan = "none" if is_compressai(args.model) else resolve_backend(s.device, args.scan_backend)
         log.info("model %s (%.2fM parameters), config overrides %s, scan backend %s, amp %s", args.model, params / 1e6,
-                 model_overrides(args) or "none", resolve_backend(s.device, args.scan_backend), args.amp)
+                 model_overrides(args) or "none", scan, args.amp)
         log.info("data: %d training images in %s, %d validation images in %s, patches %dx%d",
                  len(self.train_set), self.train_set.folder, len(self.val_set), self.val_set.folder, *args.patch_size)
         log.info("device %s, %d process(es), batch %d per process, lambda %g (%s), seed %d", s.device, s.world_size,

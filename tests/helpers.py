@@ -1,5 +1,7 @@
-"""Shared test fixtures' data: where the read-only shared data lives, tiny model configurations, thread counts."""
+"""Shared test fixtures' data: where the read-only shared data lives, tiny model configurations, thread counts,
+eval.py's main."""
 
+import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +27,14 @@ def shared_data(*parts):
     if not path.exists():
         pytest.skip(f"shared data not available: {path}")
     return path
+
+
+def eval_main():
+    """eval.py's main(), imported from the file (for the checks that need no separate process)."""
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 @contextmanager

@@ -1,6 +1,5 @@
 """eval.py and utils/evaluation.py: real bitstreams, CompressAI-schema JSON, honest averages, clear bad-input errors."""
 
-import importlib.util
 import json
 import math
 import pickle
@@ -20,7 +19,7 @@ from models import build_model, save_checkpoint
 from utils.evaluation import PeakMemory, evaluate_model, format_table, measure_image, results_document, summarize
 from utils.image import load_image, pad_center
 from utils.metrics import bpp_from_likelihoods, bpp_from_strings, psnr_8bit
-from tests.helpers import torch_threads
+from tests.helpers import eval_main, torch_threads
 from utils.rd import load_rd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,14 +50,6 @@ def run_eval(*args, cwd):
     """Run eval.py as a user does (one torch thread, see `one_thread`); returns the finished process."""
     command = [sys.executable, str(REPO / "eval.py"), "--threads", "1", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
-
-
-def eval_main():
-    """eval.py's main(), imported from the file (for the quick checks that need no separate process)."""
-    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def assert_no_traceback(run):

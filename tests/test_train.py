@@ -1,9 +1,11 @@
 """train.py, utils/training.py, utils/data.py and scripts/sweep.py: runs end to end, exact resume, DDP, bad input.
 
-Every run trains a tiny csm-small on 64x64 patches of a few BSDS500 images copied to a temporary folder, with one
-torch thread (the CPU is shared; two threads fighting over two busy cores are many times slower than one).
+Every run trains a tiny csm-small (or CompressAI's mbt2018-mean) on 64x64 patches of a few BSDS500 images copied to
+a temporary folder, with one torch thread (the CPU is shared; two threads fighting over two busy cores are many times
+slower than one).
 """
 
+import json
 import math
 import os
 import re
@@ -19,7 +21,7 @@ from PIL import Image
 
 import train
 from models import build_model, load_checkpoint, read_checkpoint, save_checkpoint
-from tests.helpers import REPO, TINY, shared_data, torch_threads
+from tests.helpers import REPO, TINY, eval_main, shared_data, torch_threads
 from utils.data import EpochSampler, PatchDataset, resolve_dataset_folders, usable_images
 from utils.training import RateDistortionLoss
 
@@ -112,6 +114,17 @@ def test_overfitting_one_image_lowers_the_loss(tmp_path, caplog):
     assert np.mean(losses[-3:]) < 0.3 * np.mean(losses[:3]), losses
 
 
+def assert_same_training_state(a, b):
+    """Two finished trainers hold the same weights, optimizer states and best loss."""
+    state_b = b.net.state_dict()
+    for key, value in a.net.state_dict().items():
+        assert torch.equal(value, state_b[key]), key
+    for opt_a, opt_b in ((a.optimizer, b.optimizer), (a.aux_optimizer, b.aux_optimizer)):
+        for state_a, state_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+            assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert a.best_loss == b.best_loss
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(data, tmp_path):
     # 3 epochs of 2 steps with learning-rate milestones after epochs 1 and 2; the break falls inside epoch 1.
     flags = ["--epochs", "3", "--epoch-steps", "2", "--lr_epoch", "1", "2", "--seed", "7"]
@@ -120,15 +133,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(data, tmp_path):
     assert (first.epoch, first.step, first.step_in_epoch) == (1, 3, 1)
     resumed = tiny_run(data, tmp_path / "part", *flags, "--resume")
     assert (resumed.epoch, resumed.step) == (full.epoch, full.step) == (3, 6)
-    resumed_state = resumed.net.state_dict()
-    for key, value in full.net.state_dict().items():
-        assert torch.equal(value, resumed_state[key]), key
-    for a, b in ((full.optimizer, resumed.optimizer), (full.aux_optimizer, resumed.aux_optimizer)):
-        for state_a, state_b in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
-            assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert_same_training_state(full, resumed)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)
     assert resumed.lr_scheduler.state_dict() == full.lr_scheduler.state_dict()
-    assert resumed.best_loss == full.best_loss
 
 
 def test_bf16_autocast_trains(data, tmp_path, caplog):
@@ -157,14 +164,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
+def ddp_run(data, tmp_path, flags):
+    """Train with two processes for one epoch of 2 steps; returns the final weights of rank 0 and of rank 1."""
     dump = tmp_path / "dump"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "train.py", "-d", str(data), *RUN_FLAGS, "--save_path",
+           "--master_port", str(free_port()), "train.py", "-d", str(data), *flags, "--save_path",
            str(tmp_path / "run"), "--epochs", "1", "--epoch-steps", "2", "--debug-dump-rank-params", str(dump)]
     proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
+    rank0, rank1 = ddp_run(data, tmp_path, RUN_FLAGS)
     saved = read_checkpoint(tmp_path / "run" / "checkpoint_latest.pth.tar")
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2
     initial = build_model("csm-small", **TINY).state_dict()
@@ -337,3 +349,91 @@ def test_sweep_dry_run_prints_one_training_per_lambda_and_the_evaluation(tmp_pat
     assert "eval.py --checkpoint" in lines[2]
     assert str(tmp_path / "lambda_0.0025" / "checkpoint_best.pth.tar") in lines[2]
     assert f"-o {tmp_path / 'rd.json'}" in lines[2]
+
+
+# --- CompressAI architectures --------------------------------------------------------------------------------------
+COMPRESSAI_FLAGS = ["-m", "compressai:mbt2018-mean", "--N", "8", "--M", "16", "--patch-size", "64", "64",
+                    "--batch-size", "1", "--test-batch-size", "2", "-n", "0", "--snapshot-every", "0", "--no-progress"]
+
+
+def test_compressai_architecture_trains_resumes_exactly_and_evaluates(data, tmp_path):
+    flags = ["--epochs", "2", "--epoch-steps", "2", "--seed", "3"]
+
+    def run(folder, *extra):
+        return train.run(["-d", str(data), *COMPRESSAI_FLAGS, "--save_path", str(tmp_path / folder), *flags, *extra])
+
+    full = run("full")
+    first = run("part", "--max-steps", "3")
+    assert (first.epoch, first.step, first.step_in_epoch) == (1, 3, 1)
+    assert type(first.net).__name__ == "MeanScaleHyperprior"
+    # The aux optimizer holds the entropy bottleneck's quantiles (N channels), the main one everything else.
+    (quantiles,) = first.aux_optimizer.param_groups[0]["params"]
+    assert quantiles.shape == (8, 1, 3)
+    saved = read_checkpoint(tmp_path / "part" / "checkpoint_latest.pth.tar")  # weights_only=True
+    assert saved["arch"] == "compressai:mbt2018-mean" and saved["arch_args"] == {"N": 8, "M": 16}
+    assert "config" not in saved and saved["version"] == 2
+    resumed = run("part", "--resume")
+    assert (resumed.epoch, resumed.step) == (full.epoch, full.step) == (2, 4)
+    assert_same_training_state(full, resumed)
+
+    out = tmp_path / "eval.json"
+    eval_main()(["--checkpoint", str(tmp_path / "part" / "checkpoint_best.pth.tar"), "--data", str(data / "val"),
+                 "--threads", "1", "-o", str(out)])
+    document = json.loads(out.read_text())
+    assert document["rate"] == "entropy-coded" and document["name"] == "compressai:mbt2018-mean"
+    (checkpoint,) = document["checkpoints"]
+    assert checkpoint["arch"] == "compressai:mbt2018-mean" and checkpoint["arch_args"] == {"N": 8, "M": 16}
+    assert checkpoint["step"] == 4
+    # No y_hat from CompressAI's compress/decompress: the latent check is skipped and says so.
+    assert document["results"]["round_trip_failures"] == [None] and "null" in document["meta"]["round_trip"]
+    for record in document["per_image"][0]["images"]:
+        assert record["round_trip"] is None
+        pixels = record["width"] * record["height"]
+        assert record["bpp_real"] == record["num_bytes"] * 8 / pixels
+        # The real rate is the estimate plus at most a few bytes of coder overhead per string.
+        assert 0 < record["bpp_real"] - record["bpp_est"] < 0.1 * record["bpp_est"] + 32 * 8 / pixels, record
+        assert math.isfinite(record["psnr-rgb"]) and record["encoding_time"] > 0
+
+
+def test_compressai_architecture_refuses_csm_options(data, capsys):
+    base = ["-d", str(data), *COMPRESSAI_FLAGS]
+    err = usage_error(capsys, [*base, "--Z", "16", "--acp", "static", "--override", "context_dim=8", "--scan-backend",
+                               "torch"])
+    assert "--Z, --acp, --override, --scan-backend: not an option of compressai:mbt2018-mean" in err
+    assert "takes --N and --M only" in err
+    err = usage_error(capsys, ["-d", str(data), "-m", "compressai:cheng2020-anchor", "--N", "8", "--M", "16"])
+    assert "--M: not an option of compressai:cheng2020-anchor, which takes --N only" in err
+    err = usage_error(capsys, ["-d", str(data), "-m", "compressai:nope"])
+    assert "invalid choice: 'compressai:nope'" in err and "compressai:mbt2018-mean" in err
+    help_text = train.build_parser().format_help()
+    assert "compressai:ARCH" in help_text and "cheng2020-attn" in help_text
+
+
+def test_checkpoint_of_the_other_kind_is_a_usage_error(data, tmp_path, capsys):
+    compressai_path = save_checkpoint(tmp_path / "mbt.pth.tar", build_model("compressai:mbt2018-mean", N=8, M=16))
+    csm_path = save_checkpoint(tmp_path / "csm.pth.tar", build_model("csm-small", **TINY))
+    err = usage_error(capsys, ["-d", str(data), *RUN_FLAGS, "--checkpoint", str(compressai_path)])
+    assert f"checkpoint {compressai_path} holds a 'compressai:mbt2018-mean' model, this run builds 'csm-small'" in err
+    err = usage_error(capsys, ["-d", str(data), *COMPRESSAI_FLAGS, "--checkpoint", str(csm_path)])
+    assert f"checkpoint {csm_path} holds a 'csm-small' model, this run builds 'compressai:mbt2018-mean'" in err
+    wider = save_checkpoint(tmp_path / "wider.pth.tar", build_model("compressai:mbt2018-mean", N=8, M=24))
+    err = usage_error(capsys, ["-d", str(data), *COMPRESSAI_FLAGS, "--checkpoint", str(wider)])
+    assert "holds a different model" in err and "M: 24 vs 16" in err
+
+
+def test_compressai_architecture_trains_with_ddp(data, tmp_path):
+    """Its quantiles are reached by the aux loss only: DDP must leave them to train_step (a second step fails
+    otherwise)."""
+    rank0, rank1 = ddp_run(data, tmp_path, COMPRESSAI_FLAGS)
+    initial = build_model("compressai:mbt2018-mean", N=8, M=16).state_dict()
+    assert not torch.equal(rank0["entropy_bottleneck.quantiles"], initial["entropy_bottleneck.quantiles"])
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+
+
+def test_sweep_passes_a_compressai_architecture_through(tmp_path):
+    cmd = [sys.executable, "scripts/sweep.py", "--lambdas", "0.0025", "--save_path", str(tmp_path), "--dry-run", "--",
+           "-d", "/data/train", "-m", "compressai:mbt2018-mean", "--N", "64", "--M", "96"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "train.py -d /data/train -m compressai:mbt2018-mean --N 64 --M 96 --lambda 0.0025" in proc.stdout

@@ -1,7 +1,8 @@
 """Evaluation of a learned image codec on a folder of images: real bitstreams, distortion, timing and memory.
 
-Works with any CompressAI-style model (``forward`` -> ``likelihoods``, ``compress`` -> ``strings``/``shape``/``y_hat``,
-``decompress`` -> ``x_hat``/``y_hat``); nothing here knows which architecture it runs. ``eval.py`` is the command line.
+Works with any CompressAI-style model (``forward`` -> ``likelihoods``, ``compress`` -> ``strings``/``shape``,
+``decompress`` -> ``x_hat``; both with ``y_hat`` for the latent round-trip check, which CompressAI's own architectures
+do not return); nothing here knows which architecture it runs. ``eval.py`` is the command line.
 
 Conventions, written into every results JSON (``meta``) so that nobody has to guess them:
 
@@ -12,8 +13,10 @@ Conventions, written into every results JSON (``meta``) so that nobody has to gu
   reconstruction, ``ms-ssim-rgb`` on the 8-bit rounded images (as CompressAI), ``ms-ssim-db`` = -10 log10(1 - v).
 - Times in seconds: wall clock of ``compress`` and of ``decompress`` alone, on a padded tensor already on the
   device, with ``torch.cuda.synchronize`` around them on CUDA; the first image is run once untimed (warm-up).
+- Round trip: the decoder's ``y_hat`` must equal the encoder's exactly; ``round_trip`` is null (not checked) for a
+  model whose compress/decompress return no ``y_hat``.
 - Aggregates are means over images of per-image values (PSNR averaged in dB, MS-SSIM dB averaged in dB), except
-  peak memory (the maximum over images) and ``round_trip_failures`` (a count).
+  peak memory (the maximum over images) and ``round_trip_failures`` (a count; null when nothing was checked).
 """
 
 import json
@@ -48,7 +51,10 @@ NAN_SKIPPING_KEYS = ("ms-ssim-rgb", "ms-ssim-db")
 MAX_KEYS = ("peak_memory_encode_mib", "peak_memory_decode_mib", "peak_memory_forward_mib")
 
 AVERAGING = ("mean over images of per-image values (PSNR and MS-SSIM dB averaged on the dB scale; MS-SSIM over "
-             "the images of at least 161 px); peak_memory_*: maximum over images; round_trip_failures: count")
+             "the images of at least 161 px); peak_memory_*: maximum over images; round_trip_failures: count (null "
+             "where the model returns no y_hat to check)")
+ROUND_TRIP = ("round_trip: the decoded y_hat equals the encoder's y_hat exactly; null (not checked) for models whose "
+              "compress/decompress return no y_hat (CompressAI's architectures): their reconstruction is the decoder's")
 TIMING = ("wall-clock seconds of model.compress and of model.decompress alone (image reading, padding, host-device "
           "transfer and metrics excluded), torch.cuda.synchronize before and after on CUDA; mean over images; the "
           "first image is run once untimed before the timed runs (warm-up)")
@@ -205,7 +211,7 @@ def measure_image(model, x: torch.Tensor, pad: int, memory: PeakMemory, estimate
 
     The image is zero-padded centred to a multiple of `pad`, the reconstruction cropped back. Rates are per pixel
     of the unpadded image. The record holds the keys listed in the module docstring, plus ``round_trip`` (decoded
-    y_hat equal to the encoder's, exactly) when coding.
+    y_hat equal to the encoder's, exactly; None when the model returns no y_hat) when coding.
     """
     device = x.device
     height, width = x.shape[-2:]
@@ -234,13 +240,20 @@ def measure_image(model, x: torch.Tensor, pad: int, memory: PeakMemory, estimate
         **distortion(x, x_hat),
         "encoding_time": enc_time,
         "decoding_time": dec_time,
-        "round_trip": torch.equal(out_dec["y_hat"], out_enc["y_hat"]),
+        "round_trip": latents_match(out_enc, out_dec),
         "peak_memory_encode_mib": enc_peak,
         "peak_memory_decode_mib": dec_peak,
     })
-    if not record["round_trip"]:
+    if record["round_trip"] is False:
         record["round_trip_max_abs_diff"] = _max_abs_diff(out_dec["y_hat"], out_enc["y_hat"])
     return record, x_hat
+
+
+def latents_match(out_enc: dict, out_dec: dict) -> bool | None:
+    """Whether decompress's y_hat equals compress's exactly; None when either output has no y_hat to compare."""
+    if "y_hat" not in out_enc or "y_hat" not in out_dec:
+        return None
+    return torch.equal(out_dec["y_hat"], out_enc["y_hat"])
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -299,7 +312,8 @@ def summarize(records: list[dict]) -> dict:
             values = [r[key] for r in records if r[key] is not None]
             summary[key] = max(values) if values else None
     if "round_trip" in records[0]:
-        summary["round_trip_failures"] = sum(not r["round_trip"] for r in records)
+        checked = [r["round_trip"] for r in records if r["round_trip"] is not None]
+        summary["round_trip_failures"] = sum(not ok for ok in checked) if checked else None
     return summary
 
 
@@ -322,7 +336,7 @@ def results_document(points: list[dict], name: str, description: str, estimate_o
         "description": description,
         "rate": "estimated" if estimate_only else "entropy-coded",
         "meta": {"rate": RATE_EST if estimate_only else RATE_REAL, "averaging": AVERAGING,
-                 **({} if estimate_only else {"timing": TIMING}), **meta},
+                 **({} if estimate_only else {"timing": TIMING, "round_trip": ROUND_TRIP}), **meta},
         "results": results,
         "checkpoints": [p["checkpoint"] for p in points],
         "per_image": [{"checkpoint": p["checkpoint"]["path"], "images": p["records"]} for p in points],
@@ -382,7 +396,8 @@ def format_table(document: dict) -> str:
         row += " ".join(_cell(results[key][i], fmt, w) for _, key, fmt, w in columns)
         if not estimate_only:
             failures = results["round_trip_failures"][i]
-            row += f" {'ok' if failures == 0 else f'{failures} FAILED':>10}"
+            verdict = "unchecked" if failures is None else "ok" if failures == 0 else f"{failures} FAILED"
+            row += f" {verdict:>10}"
         lines.append(row)
     counts = sorted(set(results["num_images"]))
     rate = "estimated from likelihoods, NO entropy coding" if estimate_only else "real bitstreams"
