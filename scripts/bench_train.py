@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                    # csm-small and csm N=128, batch 1, 256x256, CPU
     python scripts/bench_train.py --cuda --amp bf16 --batch-size 8 --steps 20
+    python scripts/bench_train.py --models compressai:mbt2018-mean tcm-small --N 64 --M 96 --batch-size 8
 
 Each configuration runs ``utils.training.train_step`` (the step train.py takes, gradient clipping and the aux
 optimizer included) on random images: a few warm-up steps, then the median time of the timed steps.
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, list_models  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
 from utils.evaluation import synchronize  # noqa: E402
 from utils.training import AMP_DTYPES, RateDistortionLoss, configure_optimizers, train_step  # noqa: E402
@@ -40,14 +41,29 @@ def parse_args(argv=None):
     parser.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES), help="autocast dtype (default: none)")
     parser.add_argument("--scan-backend", default="auto", choices=BACKENDS, help="default: %(default)s")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--models", nargs="+", choices=[c[0] for c in CONFIGS], default=[c[0] for c in CONFIGS],
-                        help="configurations to run (default: all)")
+    parser.add_argument("--models", nargs="+", choices=list_models(), default=[c[0] for c in CONFIGS],
+                        metavar="NAME", help="presets or compressai:ARCH names to run (default: "
+                        f"{' '.join(c[0] for c in CONFIGS)}, with their widths above)")
+    parser.add_argument("--N", type=positive_int, help="N of every model run (default: each model's)")
+    parser.add_argument("--M", type=positive_int, help="M of every model run (default: each model's)")
     args = parser.parse_args(argv)
     if any(s % 64 for s in args.size):
         parser.error(f"--size must be multiples of 64; got {args.size}")
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda was given but no CUDA GPU is available")
     return args
+
+
+def configurations(args):
+    """(model, overrides, timed CPU steps) of each --models name: CONFIGS's entry, else no overrides and 5 steps;
+    --N and --M on top."""
+    known = {name: (overrides, steps) for name, overrides, steps in CONFIGS}
+    widths = {k: v for k, v in (("N", args.N), ("M", args.M)) if v is not None}
+    runs = []
+    for name in args.models:
+        overrides, steps = known.get(name, ({}, 5))
+        runs.append((name, {**overrides, **widths}, steps))
+    return runs
 
 
 def bench(preset, overrides, steps, args, device):
@@ -85,10 +101,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.cuda else "cpu")
     results = []
-    for preset, overrides, cpu_steps in CONFIGS:
-        if preset in args.models:
-            steps = args.steps or (20 if args.cuda else cpu_steps)
-            results.append(bench(preset, overrides, steps, args, device))
+    for preset, overrides, cpu_steps in configurations(args):
+        steps = args.steps or (20 if args.cuda else cpu_steps)
+        results.append(bench(preset, overrides, steps, args, device))
     report = {
         "device": torch.cuda.get_device_name(device) if args.cuda else "cpu",
         "torch": torch.__version__,

@@ -1,5 +1,5 @@
 """The benchmark scripts: bench_codec.py times every model against the last (the baseline); model_report.py counts
-the selective scan by formula, also where inference would take the fused kernel."""
+the selective scan by formula, also where inference would take the fused kernel; bench_train.py runs any model."""
 
 import json
 
@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from layers.conv import WinogradConv2d
 from layers.ss2d import SS2D
 from models import build_model
-from scripts import bench_codec, model_report
-from tests.helpers import tiny_overrides
+from scripts import bench_codec, bench_train, model_report
+from tests.helpers import tiny_overrides, torch_threads
 
 
 def test_bench_codec_reports_times_and_ratios_over_the_baseline(tmp_path, capsys):
@@ -74,3 +74,12 @@ def test_model_report_counts_inference_as_the_training_path(name):
     with torch.enable_grad(), FlopCounterMode(display=False) as flops:
         model(torch.rand(1, 3, 64, 64))
     assert report["macs_per_pixel_counted"] == round(flops.get_total_flops() / 2 / (64 * 64), 1)
+
+
+def test_bench_train_times_a_compressai_architecture_at_the_given_widths(capsys):
+    with torch_threads(1):
+        bench_train.main(["--models", "compressai:mbt2018-mean", "--N", "8", "--M", "16", "--size", "64", "64",
+                          "--steps", "2", "--warmup", "1"])
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["model"] == "compressai:mbt2018-mean" and result["overrides"] == {"N": 8, "M": 16}
+    assert len(result["step_seconds_all"]) == 2 and result["step_seconds_median"] > 0

@@ -342,6 +342,14 @@ def test_cli_refuses_another_models_file(coded, checkpoints, tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
+def test_cli_refuses_a_compressai_architecture(tmp_path):
+    path = save_checkpoint(tmp_path / "mbt.pth.tar", build_model("compressai:mbt2018-mean", N=8, M=16))
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    result = run_codec("encode", tmp_path / "in.png", tmp_path / "out.csm", "--checkpoint", path, "--threads", 1)
+    assert_one_line_error(result, "holds compressai:mbt2018-mean", "CSM models only", "eval.py")
+    assert not (tmp_path / "out.csm").exists()
+
+
 def test_missing_default_checkpoint_says_what_to_do(coded, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(codec, "DEFAULT_CHECKPOINT", tmp_path / "nowhere" / "csm-small.pth.tar")
     path = tmp_path / "a.csm"

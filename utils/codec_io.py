@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from layers.scan import ScanBackendError, resolve_backend
-from models import PAD_MULTIPLE, CheckpointError, load_checkpoint
+from models import CSM, PAD_MULTIPLE, CheckpointError, load_checkpoint
 from utils.bitstream import MAX_SIDE, MODEL_ID_BYTES, CompressedImage, pack, unpack
 from utils.image import ImageReadError, atomic_write, crop_center, load_image_with_note, pad_center
 
@@ -58,6 +58,9 @@ def load_model(path, device="cpu", scan_backend="auto"):
     Returns ``(model, note)``; ``note`` says when the tables were missing and had to be built (None otherwise).
     """
     model = load_checkpoint(path, map_location=device, scan_backend=scan_backend)
+    if not isinstance(model, CSM):
+        raise CodecError(f"checkpoint {path} holds {model.preset}: the .csm codec codes with CSM models only (evaluate "
+                         "CompressAI architectures with eval.py)")
     # update() without force fills only missing tables: a checkpoint's own tables are kept, since rebuilding them
     # elsewhere could round differently and make files unreadable.
     note = "the checkpoint has no entropy-coder tables; built them with update()" if model.update() else None
