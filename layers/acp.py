@@ -102,6 +102,19 @@ class AdaptiveChannelPartition(nn.Module):
             weight, bias = weight[order], bias[order]
         return weight, bias
 
+    def batched_mix(self, scores, batch):
+        """``folded_mix`` for a batch of ``batch`` images: ``(weight (B, C, C), bias (B, C))`` per image, the score
+        (B, C) or None applied to the columns and the rows in each image's ``order`` (the CNN branch's first);
+        differentiable in the scores and the mix."""
+        weight = self.mix.weight.flatten(1)
+        weight = weight.expand(batch, -1, -1) if scores is None else weight * scores[:, None, :]
+        bias = self.mix.bias.expand(batch, -1)
+        order = self.order(scores)
+        if order is not None:
+            weight = weight.gather(1, order[:, :, None].expand(-1, -1, self.channels))
+            bias = bias.gather(1, order)
+        return weight, bias
+
     def route(self, scores):
         """The per-image channel order: (B, C) long, the CNN branch's channels first, each part ascending."""
         ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices

@@ -97,9 +97,47 @@ class StateSpaceResidualBlock(nn.Module):
             if x.shape[0] == 1:
                 return self._forward_folded(x)
             return torch.cat([self._forward_folded(image[None]) for image in x])
+        if isinstance(self.fusion, nn.Conv2d):
+            return self._forward_batched(x)
+        return self.forward_unfolded(x)
+
+    def forward_unfolded(self, x):
+        """The block as the figure draws it, each step on its own map: ACP (score, mix, route), the branches, merge,
+        fusion, outer skip. ``forward`` computes the same function with fewer copies (``_forward_batched``,
+        ``_forward_folded``) wherever the fusion is a 1x1 convolution; tests compare them with this one."""
         x_local, x_ssm, routing = self.acp(x)
         y = self.acp.merge(self.cnn_branch(x_local), self.ssm_branch(x_ssm), routing)
         return self.fusion(y).add_(x)
+
+    def _forward_batched(self, x):
+        """``forward`` with the 1x1 fusion for a batch that may need gradients (training), or under autocast: the
+        ACP's per-image score and routing are folded into per-image 1x1 mix weights and the merge into per-image
+        fusion weights (batched products), so that no scaled, permuted or concatenated copy of the map is made; the
+        VSS branch gets its channels as rows (channels last) from the mix and gives them to the fusion as rows,
+        without layout copies. Gradients reach the scorer through the scaled weights, as through ``x' * s``."""
+        batch, channels, height, width = x.shape
+        local_channels = self.acp.local_channels
+        refined, scores = self.acp.scored(x)
+        mix_weight, mix_bias = self.acp.batched_mix(scores, batch)  # (B, C, C), (B, C): the routed rows first
+        fusion_weight = self.fusion.weight.flatten(1).expand(batch, -1, -1)
+        order = self.acp.order(scores)
+        if order is not None:  # the fusion's columns in the order of the routed channels
+            fusion_weight = fusion_weight.gather(2, order[:, None, :].expand(-1, channels, -1))
+        pixels = refined.flatten(2)  # (B, C, HW)
+        x_local = torch.baddbmm(mix_bias[:, :local_channels, None], mix_weight[:, :local_channels], pixels)
+        y_local = self.cnn_branch(x_local.view(batch, local_channels, height, width)).flatten(2)
+        out = torch.baddbmm(x.flatten(2), fusion_weight[:, :, :local_channels], y_local)
+        ssm_weight, ssm_bias = mix_weight[:, local_channels:], mix_bias[:, None, local_channels:]
+        if isinstance(self.ssm_branch, VSSBlock):  # channels last: (B, HW, C_ssm) rows in and out
+            rows = torch.baddbmm(ssm_bias, pixels.transpose(1, 2), ssm_weight.transpose(1, 2))
+            y_ssm = self.ssm_branch.forward_rows(rows.view(batch, height, width, -1)).view(batch, height * width, -1)
+            out = torch.baddbmm(out, fusion_weight[:, :, local_channels:], y_ssm.transpose(1, 2))
+        else:
+            x_ssm = torch.baddbmm(ssm_bias.transpose(1, 2), ssm_weight, pixels)
+            y_ssm = self.ssm_branch(x_ssm.view(batch, -1, height, width)).flatten(2)
+            out = torch.baddbmm(out, fusion_weight[:, :, local_channels:], y_ssm)
+        out = out + self.fusion.bias[:, None].to(out.dtype)
+        return out.view(batch, channels, height, width)
 
     def _folds(self, x):
         """Whether ``forward`` takes the folded path: CPU inference (``cpu_inference``) with the 1x1 fusion."""

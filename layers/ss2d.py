@@ -126,42 +126,58 @@ class SS2D(nn.Module):
         )
         return cross_merge(ys.view(batch, self.directions, self.d_inner, length), height, width)
 
-    def _fused_applies(self, x):
-        """The fused CPU kernel serves float32 CPU inference (no gradient needed, no autocast) with the cpu backend."""
-        if not self.use_fused_kernel or x.dtype != torch.float32 or not cpu_inference(x, self):
+    def _kernel_applies(self, x):
+        """Whether the C++ kernel runs the whole 2-D scan (``fused_scan``): a CPU input with the cpu backend, in float32
+        or (under autocast) bfloat16; off with ``use_fused_kernel = False``."""
+        if not self.use_fused_kernel or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return False
         return resolve_backend(x.device, self.scan_backend) == "cpu"
 
+    def _x_dbl_and_dt(self):
+        """``x_proj`` of every direction as one (K * (R + 2N), d_inner) matrix, and the kernel's float32 parameters:
+        ``(dt_projs_weight, A, D, delta_bias)``."""
+        params = (self.dt_projs_weight, -torch.exp(self.A_logs.float()), self.Ds, self.dt_projs_bias.reshape(-1))
+        return self.x_proj_weight.reshape(-1, self.d_inner), params
+
     def fused_scan(self, x):
-        """``scan`` for inference in one pass of the CPU kernel, channels last: (B, d_inner, H, W) (best in
-        channels_last memory format) -> (B, H, W, d_inner). ``x_proj`` of every direction is one product over the
-        pixels (``linear_rows``); the kernel picks each step's row of it, reads u from the map in each direction's
-        order, forms dt from the low-rank projection and adds every direction's y back at its pixels, so the four
-        direction copies of u, dt, B, C and y are never made. Same function as ``scan``, float32 rounding aside."""
+        """``scan`` in one call of the CPU kernel, channels last: (B, d_inner, H, W) (best in channels_last memory
+        format) -> (B, H, W, d_inner). ``x_proj`` of every direction is one product over the pixels; the kernel picks
+        each step's row of it, reads u from the map in each direction's order, forms dt from the low-rank projection
+        and adds every direction's y back at its pixels, so the four direction copies of u, dt, B, C and y that
+        ``cross_scan`` / ``cross_merge`` make are never built, in the forward or in the backward. Same function as
+        ``scan``, float32 rounding aside. Inference (no gradient, no autocast) runs the kernel directly, ``x_proj``
+        by rows (``linear_rows``); otherwise it runs with autograd (``layers.scan.cpu.ss2d_scan_cpu``)."""
         from .scan import cpu
 
         batch, _, height, width = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.d_inner).contiguous()
-        x_dbl = linear_rows(pixels, self.x_proj_weight.reshape(-1, self.d_inner))  # (B, L, K * (R + 2N))
-        y = cpu.load_extension().ss2d_forward(
-            pixels,
-            x_dbl,
-            self.dt_projs_weight.float().contiguous(),
-            -torch.exp(self.A_logs.float()),
-            self.Ds.float().contiguous(),
-            self.dt_projs_bias.float().reshape(-1).contiguous(),
-            True,
-            height,
-            width,
-        )
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.d_inner)
+        x_proj, params = self._x_dbl_and_dt()
+        if x.dtype == torch.float32 and cpu_inference(x, self):
+            pixels = pixels.contiguous()
+            x_dbl = linear_rows(pixels, x_proj)  # (B, L, K * (R + 2N))
+            params = [p.float().contiguous() for p in params]
+            y = cpu.load_extension().ss2d_forward(pixels, x_dbl, *params, True, height, width, False)[0]
+        else:
+            y = cpu.ss2d_scan_cpu(pixels, F.linear(pixels, x_proj), *params, height, width)
         return y.view(batch, height, width, self.d_inner)
 
     def forward(self, x):
         """(B, H, W, d_model) -> (B, H, W, d_model)."""
-        if self._fused_applies(x):
-            return self._forward_fused(x)
+        if self._kernel_applies(x):
+            if x.dtype == torch.float32 and cpu_inference(x, self):
+                return self._forward_fused(x)
+            return self._forward_kernel(x)
         x, z = self.in_proj(x).chunk(2, dim=-1)
         y = self.scan(F.silu(self.conv2d(x.permute(0, 3, 1, 2)))).to(z.dtype).permute(0, 2, 3, 1)
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+    def _forward_kernel(self, x):
+        """``forward`` with the scan in the C++ kernel and autograd (training on the CPU), channels last throughout:
+        the in-projection's x half is made contiguous so that the depthwise convolution runs in channels_last and its
+        output's pixels are the kernel's rows without a copy."""
+        x_half, z = self.in_proj(x).chunk(2, dim=-1)
+        u = F.silu(self.conv2d(x_half.contiguous().permute(0, 3, 1, 2)))
+        y = self.fused_scan(u).to(z.dtype)
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
     def _forward_fused(self, x):

@@ -274,6 +274,34 @@ def test_srb_folded_inference_path_is_the_same_function(kwargs, monkeypatch):
         assert not torch.equal(routing[0], routing[1])  # the two images really route differently
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"acp": "static"}, {"acp": "none"}, {"ssm_branch": False}, {"acp_refine": False, "cnn_depth": 2,
+     "mlp_ratio": 0.0}, {"scan_directions": 2, "ratio": 0.25}],
+)
+def test_srb_batched_training_path_is_the_same_function(kwargs):
+    """With gradients the block folds each image's score and routing into batched 1x1 products
+    (``_forward_batched``): output, input gradient and every parameter's gradient (the scorer's included) equal
+    those of the block as drawn (``forward_unfolded``) within float32 rounding."""
+    block = srb(**kwargs).train()
+    x = images(32, size=12)
+    grad_out = torch.randn_like(x)
+    results = []
+    for forward in (block.forward, block.forward_unfolded):
+        block.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        y = forward(leaf)
+        y.backward(grad_out)
+        results.append([y.detach(), leaf.grad] + [p.grad for p in block.parameters()])
+    for actual, expected in zip(*results):
+        assert actual is not None
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    if block.acp.mode == "adaptive":
+        with torch.no_grad():
+            routing = block.acp(x)[2]
+        assert not torch.equal(routing[0], routing[1])
+
+
 def test_srb_with_residual_fusion_does_not_fold():
     block = srb(fusion="residual").eval()
     with torch.no_grad():

@@ -315,19 +315,91 @@ def test_ss2d_inference_runs_the_fused_kernel_and_agrees(monkeypatch):
     module = SS2D(d_model=8, d_state=4, scan_backend="cpu").eval()
     x = torch.randn(2, 6, 7, 8)  # (B, H, W, C)
     calls = []
-    fused = SS2D.fused_scan
-    monkeypatch.setattr(SS2D, "fused_scan", lambda self, t: calls.append(t.shape) or fused(self, t))
+    fused = SS2D._forward_fused
+    monkeypatch.setattr(SS2D, "_forward_fused", lambda self, t: calls.append(t.shape) or fused(self, t))
     with one_thread():
         expected = module(x)  # parameters need gradients: the autograd path
         assert not calls
         with torch.no_grad():
             actual = module(x)
-        assert calls == [(2, module.d_inner, 6, 7)]
+        assert calls == [(2, 6, 7, 8)]
         torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-6)
         module.scan_backend = "torch"
         with torch.no_grad():
             module(x)
     assert len(calls) == 1  # only the cpu backend has the fused kernel
+
+
+def ss2d_outputs_and_gradients(module, x, grad_out, fused):
+    """SS2D's output and the gradients of its input and every parameter, with the C++ kernel's whole-scan path
+    (``fused``) or the per-direction scans of ``SS2D.scan``."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.detach().requires_grad_()
+    previous, SS2D.use_fused_kernel = SS2D.use_fused_kernel, fused
+    try:
+        y = module(leaf)
+    finally:
+        SS2D.use_fused_kernel = previous
+    y.backward(grad_out)
+    return {"y": y.detach(), "x": leaf.grad, **{name: p.grad for name, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+@pytest.mark.parametrize("size", [(2, 3, 5), (1, 9, 11)], ids=["3x5", "9x11"])
+@pytest.mark.parametrize("d_state", [3, 16])
+def test_ss2d_training_kernel_matches_the_per_direction_scans(directions, size, d_state):
+    """Training on the CPU runs the whole 2-D scan and its backward in the C++ kernel (``ss2d_scan_cpu``): output
+    and every gradient (input, x_proj, dt_proj, A, D, delta bias, projections) within float32 rounding (1e-5 of the
+    largest value) of the path through ``cross_scan``, four ``selective_scan`` calls and ``cross_merge``. d_inner 20
+    is a full block of 16 lanes and a partial one, 9 x 11 spans two chunks; 3 states take the kernel's odd rows."""
+    torch.manual_seed(0)
+    module = SS2D(d_model=10, d_state=d_state, scan_directions=directions, scan_backend="cpu")
+    with torch.no_grad():
+        module.dt_projs_bias.add_(torch.randn_like(module.dt_projs_bias))  # a spread of decays
+    batch, height, width = size
+    x = torch.randn(batch, height, width, 10)
+    grad_out = torch.randn(batch, height, width, 10)
+    with one_thread():
+        fused = ss2d_outputs_and_gradients(module, x, grad_out, True)
+        reference_ = ss2d_outputs_and_gradients(module, x, grad_out, False)
+    assert fused.keys() == reference_.keys() and all(g is not None for g in fused.values())
+    for name in reference_:
+        assert_matches(fused[name], reference_[name].double(), label=f"K={directions} {size} N={d_state} d{name}")
+
+
+def test_ss2d_training_runs_the_whole_scan_kernel(monkeypatch):
+    """With gradients, the cpu backend takes the kernel's autograd path once per call (never the per-direction
+    scans); the torch backend keeps the per-direction path."""
+    from layers.scan import cpu
+
+    torch.manual_seed(0)
+    module = SS2D(d_model=8, d_state=4, scan_backend="cpu")
+    calls = []
+    kernel = cpu.ss2d_scan_cpu
+    monkeypatch.setattr(cpu, "ss2d_scan_cpu", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    x = torch.randn(2, 6, 7, 8)
+    with one_thread():
+        module(x).sum().backward()
+        assert calls == [(2, 42, module.d_inner)]
+        module.scan_backend = "torch"
+        module(x).sum().backward()
+    assert len(calls) == 1
+
+
+def test_ss2d_training_kernel_under_bf16_autocast_scans_in_float32():
+    """Under CPU autocast the projections run in bfloat16 and the kernel casts its inputs to float32: the output is
+    close to the float32 path's (bfloat16 rounding of the projections) and every gradient is finite."""
+    torch.manual_seed(0)
+    module = SS2D(d_model=16, d_state=16, scan_backend="cpu")
+    x = torch.randn(2, 8, 8, 16)
+    with one_thread():
+        expected = module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = module(x)
+        actual.float().square().sum().backward()
+    assert actual.dtype == torch.bfloat16
+    assert (actual.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
 
 
 def test_fused_ss2d_scan_is_identical_across_thread_counts():

@@ -114,3 +114,32 @@ class SelectiveScanCpu(torch.autograd.Function):
 def selective_scan_cpu(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     """Float32 contiguous CPU inputs as validated by ``layers.scan.selective_scan``; returns y (batch, K*D, L)."""
     return SelectiveScanCpu.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+class SS2DScanCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_dbl, dt_w, A, D, delta_bias, height, width):
+        save = any(ctx.needs_input_grad)
+        y, checkpoints = load_extension().ss2d_forward(x, x_dbl, dt_w, A, D, delta_bias, True, height, width, save)
+        ctx.size = (height, width)
+        if save:
+            ctx.save_for_backward(x, x_dbl, dt_w, A, D, delta_bias, checkpoints)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, x_dbl, dt_w, A, D, delta_bias, checkpoints = ctx.saved_tensors
+        grads = load_extension().ss2d_backward(x, x_dbl, dt_w, A, D, delta_bias, True, *ctx.size, checkpoints, gy)
+        return (*grads, None, None)
+
+
+def ss2d_scan_cpu(x, x_dbl, dt_w, A, D, delta_bias, height, width):
+    """SS2D's whole 2-D selective scan (K directions, cross-scan and cross-merge included) in the C++ kernel, with
+    autograd. The map's pixels as rows, channels last: x (batch, H*W, d_inner), row-major pixels; x_dbl (batch,
+    H*W, K*(R + 2N)) x_proj of every pixel, (dt_r, B, C) of direction k at columns k*(R + 2N) + ...; dt_w (K,
+    d_inner, R) dt_proj's weights; A (K*d_inner, N); D, delta_bias (K*d_inner,); softplus on delta. Returns
+    (batch, H*W, d_inner), the sum of the directions' outputs at their pixels. Inputs are cast to contiguous float32
+    (the scan never runs in reduced precision); the backward recomputes the states from the forward's chunk
+    checkpoints (as ``selective_scan_cpu``) and every input gets its gradient."""
+    inputs = [t.float().contiguous() for t in (x, x_dbl, dt_w, A, D, delta_bias)]
+    return SS2DScanCpu.apply(*inputs, height, width)

@@ -347,6 +347,87 @@ inline void scan_chunk(const ChunkInputs& in, const std::vector<Vec>& a2, const 
   }
 }
 
+// The backward of one chunk of one block over its state rows: every row's decays and states over the chunk are
+// recomputed from the checkpoint h0 (the forward's arithmetic) into buffers that stay in L1, then walked backwards
+// with the carry in a register. Rows meet only in the per-step sums over n (gdA, ghB), so G rows are walked side by
+// side: each row's steps form a serial chain (state, then carry), and G independent chains keep the vector units
+// busy while one waits for its previous step. With gh = dL/dh_t: dL/d(dt A) = gh a_t h_{t-1}, dL/dB = gh dt u,
+// dL/dC = gy h_t, and dt gets A dL/d(dt A) + u sum_n gh B.
+//   B, C: row n of the chunk at B + n * bc_stride (steps contiguous); a, a2: A and A log2(e) per row;
+//   carry: a_{t+1} dL/dh_{t+1} entering from the chunk after, updated; gA: dL/dA per row, accumulated;
+//   gB_acc, gC_acc: [n * CHUNK + t], accumulated; gdA, ghB: [t], accumulated; hs, dec: G * (CHUNK + 1) scratch.
+template <int G>
+inline void backward_rows(const ChunkInputs& in, const Vec* gy, const Vec* a, const Vec* a2, const Vec* h0,
+                          const float* B, const float* C, int64_t bc_stride, int steps, int64_t n0, Vec* carry,
+                          VecD* gA, Vec* gB_acc, Vec* gC_acc, Vec* gdA, Vec* ghB, Vec* hs, Vec* dec) {
+  constexpr int H = CHUNK + 1;  // hs[g * H + t + 1] = h_t, hs[g * H] = the checkpoint; dec[g * H + t] = a_t
+  const float* Bn[G];
+  const float* Cn[G];
+  Vec hv[G], cv[G], gav[G], an[G], a2n[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    Bn[g] = B + (n0 + g) * bc_stride;
+    Cn[g] = C + (n0 + g) * bc_stride;
+    an[g] = a[n0 + g];
+    a2n[g] = a2[n0 + g];
+    hv[g] = h0[n0 + g];
+    hs[g * H] = hv[g];
+  }
+  for (int t = 0; t < steps; ++t) {
+    const Vec dt = in.dt[t], dtu = in.dtu[t], gyt = gy[t];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const Vec decay = exp2v(dt * a2n[g]);
+      hv[g] = decay * hv[g] + dtu * Bn[g][t];
+      dec[g * H + t] = decay;
+      hs[g * H + t + 1] = hv[g];
+      gC_acc[(n0 + g) * CHUNK + t] += gyt * hv[g];
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    cv[g] = carry[n0 + g];
+    gav[g] = Vec{};
+  }
+  for (int t = steps - 1; t >= 0; --t) {
+    const Vec dt = in.dt[t], dtu = in.dtu[t], gyt = gy[t];
+    Vec sum_dA{}, sum_hB{};
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const Vec gh = cv[g] + gyt * Cn[g][t];
+      cv[g] = dec[g * H + t] * gh;  // a_t dL/dh_t: the carry into step t - 1
+      const Vec glog = cv[g] * hs[g * H + t];
+      sum_dA += glog * an[g];
+      sum_hB += gh * Bn[g][t];
+      gav[g] += glog * dt;
+      gB_acc[(n0 + g) * CHUNK + t] += gh * dtu;
+    }
+    gdA[t] += sum_dA;
+    ghB[t] += sum_hB;
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    carry[n0 + g] = cv[g];
+    gA[n0 + g] += __builtin_convertvector(gav[g], VecD);
+  }
+}
+
+constexpr int BACKWARD_ROWS = 4;  // state rows walked side by side (backward_rows)
+
+// backward_rows over all n_state rows of a chunk of one block; gdA and ghB are zeroed first.
+inline void backward_chunk(const ChunkInputs& in, const Vec* gy, const Vec* a, const Vec* a2, const Vec* h0,
+                           const float* B, const float* C, int64_t bc_stride, int steps, int64_t n_state,
+                           Vec* carry, VecD* gA, Vec* gB_acc, Vec* gC_acc, Vec* gdA, Vec* ghB, Vec* hs, Vec* dec) {
+  std::fill(gdA, gdA + steps, Vec{});
+  std::fill(ghB, ghB + steps, Vec{});
+  int64_t n = 0;
+  for (; n + BACKWARD_ROWS <= n_state; n += BACKWARD_ROWS)
+    backward_rows<BACKWARD_ROWS>(in, gy, a, a2, h0, B, C, bc_stride, steps, n, carry, gA, gB_acc, gC_acc, gdA, ghB,
+                                 hs, dec);
+  for (; n < n_state; ++n)
+    backward_rows<1>(in, gy, a, a2, h0, B, C, bc_stride, steps, n, carry, gA, gB_acc, gC_acc, gdA, ghB, hs, dec);
+}
+
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const c10::optional<at::Tensor>& D,
                   const c10::optional<at::Tensor>& bias) {
@@ -463,13 +544,14 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
   struct Scratch {
     ChunkInputs in;
     std::vector<Vec> gy_t, gdA, ghB, gout;  // [t]
-    std::vector<Vec> hs, decay;             // one state row: h_t at [t + 1] (the checkpoint at [0]); a_t at [t]
+    std::vector<Vec> hs, decay;             // backward_chunk's scratch: BACKWARD_ROWS * (CHUNK + 1) each
     std::vector<Vec> gB_acc, gC_acc;        // [n][t], summed lane-wise over the blocks of a part
     RowPrefetcher prefetch;
   };
   const auto make_scratch = [&] {
     const std::vector<Vec> steps(CHUNK), states_steps(N * CHUNK);
-    return Scratch{{}, steps, steps, steps, steps, std::vector<Vec>(CHUNK + 1), steps, states_steps, states_steps, {}};
+    const std::vector<Vec> rows(BACKWARD_ROWS * (CHUNK + 1));
+    return Scratch{{}, steps, steps, steps, steps, rows, rows, states_steps, states_steps, {}};
   };
   const int64_t n_tasks = d.batch * d.groups * parts;
   run_tasks(n_tasks, d.batch * d.groups * d.blocks * L * N, make_scratch, [&](int64_t task, Scratch& s) {
@@ -525,41 +607,10 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
 
         s.prefetch.issue(0, 1);  // all at once: the first rows are needed as soon as this block is done
 
-        // One state row at a time: its decays and states over the chunk are recomputed from the checkpoint (the
-        // forward's arithmetic) into one-row buffers that stay in L1, then walked backwards with the carry in a
-        // register. Rows only meet in the per-step sums over n (gdA, ghB). With gh = dL/dh_t:
-        // dL/d(dt A) = gh a_t h_{t-1}, dL/dB = gh dt u, dL/dC = gy h_t, and dt gets A dL/d(dt A) + u sum_n gh B.
-        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data(), *hs = s.hs.data(), *dec = s.decay.data();
-        std::fill(gdA, gdA + steps, Vec{});
-        std::fill(ghB, ghB + steps, Vec{});
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec an = a[i * N + n], a2n = a2[i * N + n];
-          const float* Bn = Bg + n * L + t0;
-          const float* Cn = Cg + n * L + t0;
-          Vec* gb_n = &s.gB_acc[n * CHUNK];
-          Vec* gc_n = &s.gC_acc[n * CHUNK];
-          Vec hv = h0[n];
-          hs[0] = hv;
-          for (int t = 0; t < steps; ++t) {
-            const Vec decay = exp2v(in.dt[t] * a2n);
-            hv = decay * hv + in.dtu[t] * Bn[t];
-            dec[t] = decay;
-            hs[t + 1] = hv;
-            gc_n[t] += gy_t[t] * hv;
-          }
-          Vec cv = carry[i * N + n], gav{};
-          for (int t = steps - 1; t >= 0; --t) {
-            const Vec gh = cv + gy_t[t] * Cn[t];
-            cv = dec[t] * gh;  // a_t dL/dh_t: the carry into step t - 1
-            const Vec glog = cv * hs[t];
-            gdA[t] += glog * an;
-            ghB[t] += gh * Bn[t];
-            gav += glog * in.dt[t];
-            gb_n[t] += gh * in.dtu[t];
-          }
-          carry[i * N + n] = cv;
-          gA_acc[i * N + n] += __builtin_convertvector(gav, VecD);
-        }
+        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data();
+        backward_chunk(in, gy_t, a.data() + i * N, a2.data() + i * N, h0, Bg + t0, Cg + t0, L, steps, N,
+                       carry.data() + i * N, gA_acc.data() + i * N, s.gB_acc.data(), s.gC_acc.data(), gdA, ghB,
+                       s.hs.data(), s.decay.data());
 
         // Per-step gradients: u and dt, then delta through the softplus; D and delta_bias sum them over time.
         const Vec d_lane = load_param(Dp ? Dp + blk.ch0 : nullptr, blk.width);
@@ -640,13 +691,104 @@ inline void scan_chunk_packed(const ChunkInputs& in, const Vec* a2, const float*
     for (int n = 0; n < NN; ++n) h[n] = regs[n];
 }
 
-// The whole 2-D selective scan of SS2D for inference, without the cross-scan and cross-merge copies.
+// The 2-D selective scan of SS2D without the cross-scan and cross-merge copies: its shapes and the pixel rows of a
+// chunk of one direction.
 //   x      (batch, L, Dn)            the map, channels last, pixels row-major (L = H * W): u of every direction
 //   x_dbl  (batch, L, K * (R + 2N))  x_proj of every pixel, pixel-major: for direction k, (dt_r, B, C) at
 //                                    columns k * (R + 2N) + [0, R), [R, R + N), [R + N, R + 2N)
 //   dt_w   (K, Dn, R)                dt_proj weights: delta[k, d, t] = sum_r dt_w[k, d, r] * dt_r[k, r, t]
 //   A      (K*Dn, N); D, bias (K*Dn)
-// Returns (batch, L, Dn): the sum over directions of each direction's y, put back at its pixels (cross-merge).
+struct Ss2dDims {
+  int64_t batch, L, Dn, K, R, N, row_len, blocks, n_chunks, height, width;
+
+  Ss2dDims(const char* name, const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_w,
+           const at::Tensor& A, const at::Tensor& D, const at::Tensor& bias, int64_t height_, int64_t width_) {
+    for (const at::Tensor* t : {&x, &x_dbl, &dt_w, &A, &D, &bias}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), name,
+                  ": tensors must be contiguous float32 on the CPU");
+    }
+    TORCH_CHECK(x.dim() == 3 && x_dbl.dim() == 3 && dt_w.dim() == 3 && A.dim() == 2, name, ": wrong ranks");
+    batch = x.size(0), L = x.size(1), Dn = x.size(2);
+    K = dt_w.size(0), R = dt_w.size(2), N = A.size(1), row_len = K * (R + 2 * N);
+    height = height_, width = width_;
+    TORCH_CHECK(height * width == L, name, ": height * width must equal L");
+    TORCH_CHECK(K >= 1 && K <= 4 && dt_w.size(1) == Dn && A.size(0) == K * Dn && D.numel() == K * Dn &&
+                    bias.numel() == K * Dn && x_dbl.size(0) == batch && x_dbl.size(1) == L &&
+                    x_dbl.size(2) == row_len,
+                name, ": inconsistent shapes");
+    blocks = (Dn + SIMD_W - 1) / SIMD_W;
+    n_chunks = (L + CHUNK - 1) / CHUNK;
+  }
+
+  // The chunk checkpoints of the forward: (batch, K, blocks, n_chunks, N, SIMD_W), the state entering each chunk.
+  std::vector<int64_t> checkpoint_shape() const { return {batch, K, blocks, n_chunks, N, SIMD_W}; }
+  int64_t checkpoint_index(int64_t b, int64_t k, int64_t blk, int64_t chunk) const {
+    return (((b * K + k) * blocks + blk) * n_chunks + chunk) * N;
+  }
+};
+
+// The rows of one chunk of direction k, packed time-contiguous: pix[t] the pixel of step t0 + t, dtr[r * CHUNK + t],
+// Bk[n * CHUNK + t], Ck[n * CHUNK + t] from x_dbl's row of that pixel (xdk: image b's x_dbl at direction k's columns).
+void gather_chunk(const Ss2dDims& d, const float* xdk, int64_t k, int64_t t0, int steps, int64_t* pix, float* dtr,
+                  float* Bk, float* Ck) {
+  const int64_t R = d.R, N = d.N;
+  for (int t = 0; t < steps; ++t) {
+    const int64_t p = pix[t] = pixel_of(k, t0 + t, d.height, d.width, d.L);
+    const float* row = xdk + p * d.row_len;
+    for (int64_t r = 0; r < R; ++r) dtr[r * CHUNK + t] = row[r];
+    for (int64_t n = 0; n < N; ++n) {
+      Bk[n * CHUNK + t] = row[R + n];
+      Ck[n * CHUNK + t] = row[R + N + n];
+    }
+  }
+}
+
+// One block's parameters in one direction: decays as 2^(dt * a2) (a = A itself for the backward), dt_proj's
+// weights per rank, D and delta_bias; 0 in unused lanes.
+struct BlockParams {
+  std::vector<Vec> a, a2, w;
+  Vec d, bias;
+
+  BlockParams() = default;
+  BlockParams(const Ss2dDims& dims, const float* Ap, const float* wp, const float* Dp, const float* biasp, int64_t k,
+              int64_t c) {
+    const int64_t kc = k * dims.Dn + c;
+    const int width = static_cast<int>(std::min<int64_t>(SIMD_W, dims.Dn - c));
+    a = load_lane_table(Ap + kc * dims.N, dims.N, width, 1.f);
+    a2 = load_lane_table(Ap + kc * dims.N, dims.N, width, LOG2E);
+    w = load_lane_table(wp + kc * dims.R, dims.R, width, 1.f);
+    d = load_param(Dp + kc, width);
+    bias = load_param(biasp + kc, width);
+  }
+
+  // delta of step t from the chunk's packed dt_r (the low-rank dt_proj)
+  Vec delta(const float* dtr, int t) const {
+    Vec out{};
+    for (size_t r = 0; r < w.size(); ++r) out += w[r] * dtr[r * CHUNK + t];
+    return out;
+  }
+};
+
+// `lanes` floats of src into a vector, 0 past them (the last block of a width that is not a multiple of SIMD_W)
+inline Vec load_partial(const float* src, int lanes) {
+  Vec v{};
+  std::memcpy(&v, src, lanes * sizeof(float));
+  return v;
+}
+
+inline float lane_sum(Vec v) {
+#if CSM_AVX512
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.f;
+  for (int j = 0; j < SIMD_W; ++j) s += v[j];
+  return s;
+#endif
+}
+
+// The whole 2-D selective scan of SS2D (shapes: Ss2dDims). Returns {y, checkpoints}: y (batch, L, Dn) is the sum
+// over directions of each direction's y, put back at its pixels (cross-merge); with save_states, checkpoints holds
+// the state entering every chunk (Ss2dDims::checkpoint_shape) for ss2d_backward, else it is empty.
 //
 // A task is one image and a group of `group` blocks of SIMD_W channels (adjacent in memory at every pixel); it runs
 // the K directions one after the other, chunk by chunk: the chunk's pixels are gathered once for the group (u of
@@ -654,27 +796,18 @@ inline void scan_chunk_packed(const ChunkInputs& in, const Vec* a2, const float*
 // scans them), the blocks scan, and the group's y is written at the chunk's pixels (direction 0) or added to them.
 // Every output element is computed by the same operations in the same order whatever the group size and the number
 // of threads, so decoding is bit-identical across thread counts.
-at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_w, const at::Tensor& A,
-                        const at::Tensor& D, const at::Tensor& bias, bool use_softplus, int64_t height,
-                        int64_t width) {
-  for (const at::Tensor* t : {&x, &x_dbl, &dt_w, &A, &D, &bias}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "ss2d_forward: tensors must be contiguous float32 on the CPU");
-  }
-  TORCH_CHECK(x.dim() == 3 && x_dbl.dim() == 3 && dt_w.dim() == 3 && A.dim() == 2, "ss2d_forward: wrong ranks");
-  const int64_t batch = x.size(0), L = x.size(1), Dn = x.size(2);
-  const int64_t K = dt_w.size(0), R = dt_w.size(2), N = A.size(1), row_len = K * (R + 2 * N);
-  TORCH_CHECK(height * width == L, "ss2d_forward: height * width must equal L");
-  TORCH_CHECK(K >= 1 && K <= 4 && dt_w.size(1) == Dn && A.size(0) == K * Dn && D.numel() == K * Dn &&
-                  bias.numel() == K * Dn && x_dbl.size(0) == batch && x_dbl.size(1) == L &&
-                  x_dbl.size(2) == row_len,
-              "ss2d_forward: inconsistent shapes");
+std::vector<at::Tensor> ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_w,
+                                     const at::Tensor& A, const at::Tensor& D, const at::Tensor& bias,
+                                     bool use_softplus, int64_t height, int64_t width, bool save_states) {
+  const Ss2dDims d("ss2d_forward", x, x_dbl, dt_w, A, D, bias, height, width);
+  const int64_t batch = d.batch, L = d.L, Dn = d.Dn, K = d.K, N = d.N, blocks = d.blocks;
   auto out = at::empty_like(x);
-  if (out.numel() == 0) return out;
+  auto checkpoints = save_states ? at::empty(d.checkpoint_shape(), x.options()) : at::empty({0}, x.options());
+  if (out.numel() == 0) return {out, checkpoints};
   const float *xp = x.data_ptr<float>(), *xd = x_dbl.data_ptr<float>(), *wp = dt_w.data_ptr<float>();
   const float *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>(), *biasp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (Dn + SIMD_W - 1) / SIMD_W, n_chunks = (L + CHUNK - 1) / CHUNK;
+  Vec* ckp = save_states ? reinterpret_cast<Vec*>(checkpoints.data_ptr<float>()) : nullptr;
   // Blocks per task: as few tasks as keep every thread busy (each task reads the chunk's rows once), at most 8
   // blocks (the group's u and y of a chunk, 64 KB, stay in L2).
   const int64_t threads_per_image = (at::get_num_threads() + batch - 1) / batch;
@@ -693,7 +826,7 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::
                    std::vector<Vec>(CHUNK),
                    std::vector<Vec>(CHUNK * group),
                    std::vector<Vec>(CHUNK * group),
-                   std::vector<float>(R * CHUNK),
+                   std::vector<float>(d.R * CHUNK),
                    std::vector<float>(N * CHUNK),
                    std::vector<float>(N * CHUNK),
                    std::vector<int64_t>(CHUNK)};
@@ -705,48 +838,31 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::
     const float* xb = xp + b * L * Dn + ch0;
     float* ob = op + b * L * Dn + ch0;
     ChunkInputs& in = s.in;
-    struct BlockParams {
-      std::vector<Vec> a2, w;
-      Vec d, bias;
-    };
     std::vector<BlockParams> params(n_blk);
     for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < n_blk; ++i) {
-        const int64_t c = ch0 + i * SIMD_W, kc = k * Dn + c;
-        const int width_lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - c));
-        params[i] = {load_lane_table(Ap + kc * N, N, width_lanes, LOG2E),  // decay = 2^(dt * a2)
-                     load_lane_table(wp + kc * R, R, width_lanes, 1.f), load_param(Dp + kc, width_lanes),
-                     load_param(biasp + kc, width_lanes)};
-      }
-      const float* xdk = xd + b * L * row_len + k * (R + 2 * N);
+      for (int64_t i = 0; i < n_blk; ++i) params[i] = BlockParams(d, Ap, wp, Dp, biasp, k, ch0 + i * SIMD_W);
+      const float* xdk = xd + b * L * d.row_len + k * (d.R + 2 * N);
       std::fill(s.h.begin(), s.h.end(), Vec{});
-      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      for (int64_t chunk = 0; chunk < d.n_chunks; ++chunk) {
         const int64_t t0 = chunk * CHUNK;
         const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+        gather_chunk(d, xdk, k, t0, steps, s.pix.data(), s.dtr.data(), s.Bk.data(), s.Ck.data());
         for (int t = 0; t < steps; ++t) {
-          const int64_t p = s.pix[t] = pixel_of(k, t0 + t, height, width, L);
-          const float* row = xdk + p * row_len;
-          for (int64_t r = 0; r < R; ++r) s.dtr[r * CHUNK + t] = row[r];
-          for (int64_t n = 0; n < N; ++n) {
-            s.Bk[n * CHUNK + t] = row[R + n];
-            s.Ck[n * CHUNK + t] = row[R + N + n];
-          }
           Vec* u = s.u.data() + t * group;
           if (lanes < n_blk * SIMD_W) u[n_blk - 1] = Vec{};  // zero lanes past the last channel
-          std::memcpy(u, xb + p * Dn, lanes * sizeof(float));
+          std::memcpy(u, xb + s.pix[t] * Dn, lanes * sizeof(float));
         }
         for (int64_t i = 0; i < n_blk; ++i) {
           const BlockParams& prm = params[i];
           for (int t = 0; t < steps; ++t) {
             const Vec u = s.u[t * group + i];
-            Vec delta{};
-            for (int64_t r = 0; r < R; ++r) delta += prm.w[r] * s.dtr[r * CHUNK + t];
             in.u[t] = u;
-            in.x[t] = delta;
+            in.x[t] = prm.delta(s.dtr.data(), t);
             s.ybuf[t] = prm.d * u;
           }
           in.derive(prm.bias, use_softplus, steps);
           Vec* h = s.h.data() + i * N;
+          if (ckp) std::copy(h, h + N, ckp + d.checkpoint_index(b, k, blk0 + i, chunk));
           if (N == 16)
             scan_chunk_packed<16>(in, prm.a2.data(), s.Bk.data(), s.Ck.data(), steps, 16, h, s.ybuf.data());
           else
@@ -764,7 +880,154 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::
       }
     }
   });
-  return out;
+  return {out, checkpoints};
+}
+
+// The gradients of ss2d_forward (with save_states) for the output gradient gy (batch, L, Dn). Returns
+// {gx (batch, L, Dn), gx_dbl (batch, L, K * (R + 2N)), gdt_w (K, Dn, R), gA (K*Dn, N), gD, gbias (K*Dn)}.
+//
+// A task is one image and one direction with all its channel blocks; it walks the chunks backwards and, inside a
+// chunk, the blocks: every block recomputes its states from the forward's checkpoint one state row at a time and
+// walks them back (as `backward`), and the blocks' gradients of the chunk's dt_r, B and C add up lane-wise in
+// local buffers that are reduced over the lanes once per chunk and stored in that direction's columns of gx_dbl
+// at the chunk's pixels. So every element of gx_dbl is written by one task, once. The gradient of u goes to a
+// per-direction copy of gx (summed over directions at the end) and the parameter gradients to per-image, per-
+// direction double accumulators (summed over images).
+std::vector<at::Tensor> ss2d_backward(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_w,
+                                      const at::Tensor& A, const at::Tensor& D, const at::Tensor& bias,
+                                      bool use_softplus, int64_t height, int64_t width,
+                                      const at::Tensor& checkpoints, const at::Tensor& gy_in) {
+  const Ss2dDims d("ss2d_backward", x, x_dbl, dt_w, A, D, bias, height, width);
+  const at::Tensor gy = gy_in.contiguous().to(at::kFloat);
+  TORCH_CHECK(gy.sizes() == x.sizes(), "ss2d_backward: the output gradient must have x's shape");
+  TORCH_CHECK(checkpoints.is_contiguous() && checkpoints.sizes() == at::IntArrayRef(d.checkpoint_shape()),
+              "ss2d_backward: checkpoints of another shape than the forward's");
+  const int64_t batch = d.batch, L = d.L, Dn = d.Dn, K = d.K, R = d.R, N = d.N, blocks = d.blocks;
+  auto gx_dirs = at::empty({K, batch, L, Dn}, x.options());
+  auto gx_dbl = at::empty_like(x_dbl);
+  auto opts64 = x.options().dtype(at::kDouble);
+  auto gw_parts = at::zeros({batch, K, Dn, R}, opts64);
+  auto gA_parts = at::zeros({batch, K * Dn, N}, opts64);
+  auto gD_parts = at::zeros({batch, K * Dn}, opts64);
+  auto gbias_parts = at::zeros({batch, K * Dn}, opts64);
+  for (const at::Tensor* t : {&gx_dirs, &gx_dbl}) advise_huge_pages(*t);
+  if (x.numel() == 0) {
+    return {gx_dirs.sum(0), gx_dbl.zero_(), gw_parts.sum(0).to(at::kFloat), gA_parts.sum(0).to(at::kFloat),
+            gD_parts.sum(0).to(at::kFloat), gbias_parts.sum(0).to(at::kFloat)};
+  }
+  const float *xp = x.data_ptr<float>(), *xd = x_dbl.data_ptr<float>(), *wp = dt_w.data_ptr<float>();
+  const float *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>(), *biasp = bias.data_ptr<float>();
+  const float* gyp = gy.data_ptr<float>();
+  const Vec* ckp = reinterpret_cast<const Vec*>(checkpoints.data_ptr<float>());
+  float *gxp = gx_dirs.data_ptr<float>(), *gxdp = gx_dbl.data_ptr<float>();
+  double *gwp = gw_parts.data_ptr<double>(), *gAp = gA_parts.data_ptr<double>();
+  double *gDp = gD_parts.data_ptr<double>(), *gbiasp = gbias_parts.data_ptr<double>();
+
+  struct Scratch {
+    ChunkInputs in;
+    std::vector<Vec> gy_t, gdA, ghB, gdt;     // [t]
+    std::vector<Vec> hs, decay;               // backward_chunk's scratch: BACKWARD_ROWS * (CHUNK + 1) each
+    std::vector<Vec> gB_acc, gC_acc, gr_acc;  // [n or r][t], summed lane-wise over the blocks
+    std::vector<float> dtr, Bk, Ck;           // the chunk's packed rows, as in the forward
+    std::vector<int64_t> pix;
+  };
+  const auto make_scratch = [&] {
+    const std::vector<Vec> steps(CHUNK);
+    const std::vector<Vec> rows(BACKWARD_ROWS * (CHUNK + 1));
+    return Scratch{{}, steps, steps, steps, steps, rows, rows,
+                   std::vector<Vec>(N * CHUNK), std::vector<Vec>(N * CHUNK), std::vector<Vec>(R * CHUNK),
+                   std::vector<float>(R * CHUNK), std::vector<float>(N * CHUNK), std::vector<float>(N * CHUNK),
+                   std::vector<int64_t>(CHUNK)};
+  };
+  run_tasks(batch * K, batch * blocks * K * L * N, make_scratch, [&](int64_t task, Scratch& s) {
+    const int64_t b = task / K, k = task % K;
+    const float* xb = xp + b * L * Dn;
+    const float* gyb = gyp + b * L * Dn;
+    float* gxb = gxp + (k * batch + b) * L * Dn;
+    const float* xdk = xd + b * L * d.row_len + k * (R + 2 * N);
+    float* gxdk = gxdp + b * L * d.row_len + k * (R + 2 * N);
+    std::vector<BlockParams> params(blocks);
+    for (int64_t i = 0; i < blocks; ++i) params[i] = BlockParams(d, Ap, wp, Dp, biasp, k, i * SIMD_W);
+    // Per block: the carry a_{t+1} dL/dh_{t+1} entering a chunk from the one after it, and the parameter
+    // gradients, accumulated in double over the whole sequence.
+    std::vector<Vec> carry(blocks * N, Vec{});
+    std::vector<VecD> gA_acc(blocks * N, VecD{}), gw_acc(blocks * R, VecD{}), gD_acc(blocks, VecD{}),
+        gbias_acc(blocks, VecD{});
+    std::vector<Vec> gw_chunk(R);
+    ChunkInputs& in = s.in;
+    for (int64_t chunk = d.n_chunks - 1; chunk >= 0; --chunk) {
+      const int64_t t0 = chunk * CHUNK;
+      const int steps = static_cast<int>(std::min<int64_t>(CHUNK, L - t0));
+      gather_chunk(d, xdk, k, t0, steps, s.pix.data(), s.dtr.data(), s.Bk.data(), s.Ck.data());
+      std::fill(s.gB_acc.begin(), s.gB_acc.end(), Vec{});
+      std::fill(s.gC_acc.begin(), s.gC_acc.end(), Vec{});
+      std::fill(s.gr_acc.begin(), s.gr_acc.end(), Vec{});
+      for (int64_t i = 0; i < blocks; ++i) {
+        const BlockParams& prm = params[i];
+        const int64_t c = i * SIMD_W;
+        const int lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - c));
+        for (int t = 0; t < steps; ++t) {
+          const int64_t p = s.pix[t] * Dn + c;
+          in.u[t] = load_partial(xb + p, lanes);
+          s.gy_t[t] = load_partial(gyb + p, lanes);
+          in.x[t] = prm.delta(s.dtr.data(), t);
+        }
+        in.derive(prm.bias, use_softplus, steps);
+        const Vec* gy_t = s.gy_t.data();
+        const Vec* h0 = ckp + d.checkpoint_index(b, k, i, chunk);
+
+        Vec *gdA = s.gdA.data(), *ghB = s.ghB.data();
+        backward_chunk(in, gy_t, prm.a.data(), prm.a2.data(), h0, s.Bk.data(), s.Ck.data(), CHUNK, steps, N,
+                       carry.data() + i * N, gA_acc.data() + i * N, s.gB_acc.data(), s.gC_acc.data(), gdA, ghB,
+                       s.hs.data(), s.decay.data());
+
+        // Per-step gradients: u (to this direction's gx at the step's pixel) and dt, then delta through the
+        // softplus, then dt_proj's input dt_r and weights; D and delta_bias sum over time.
+        Vec* gdt = s.gdt.data();
+        std::fill(gw_chunk.begin(), gw_chunk.end(), Vec{});
+        Vec gD_chunk{}, gbias_chunk{};
+        for (int t = 0; t < steps; ++t) {
+          const Vec gu = ghB[t] * in.dt[t] + prm.d * gy_t[t];
+          std::memcpy(gxb + s.pix[t] * Dn + c, &gu, lanes * sizeof(float));
+          Vec g = gdA[t] + ghB[t] * in.u[t];
+          if (use_softplus) g *= sigmoid(in.x[t]);
+          gdt[t] = g;
+          gD_chunk += gy_t[t] * in.u[t];
+          gbias_chunk += g;
+          for (int64_t r = 0; r < R; ++r) {
+            s.gr_acc[r * CHUNK + t] += prm.w[r] * g;
+            gw_chunk[r] += g * s.dtr[r * CHUNK + t];
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) gw_acc[i * R + r] += __builtin_convertvector(gw_chunk[r], VecD);
+        gD_acc[i] += __builtin_convertvector(gD_chunk, VecD);
+        gbias_acc[i] += __builtin_convertvector(gbias_chunk, VecD);
+      }
+      // The chunk's dL/d(dt_r, B, C): sum the lanes once for all blocks, into the pixels' rows of gx_dbl.
+      for (int t = 0; t < steps; ++t) {
+        float* row = gxdk + s.pix[t] * d.row_len;
+        for (int64_t r = 0; r < R; ++r) row[r] = lane_sum(s.gr_acc[r * CHUNK + t]);
+        for (int64_t n = 0; n < N; ++n) {
+          row[R + n] = lane_sum(s.gB_acc[n * CHUNK + t]);
+          row[R + N + n] = lane_sum(s.gC_acc[n * CHUNK + t]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t c = i * SIMD_W;
+      const int lanes = static_cast<int>(std::min<int64_t>(SIMD_W, Dn - c));
+      for (int j = 0; j < lanes; ++j) {
+        const int64_t kc = k * Dn + c + j;
+        for (int64_t n = 0; n < N; ++n) gAp[(b * K * Dn + kc) * N + n] = gA_acc[i * N + n][j];
+        for (int64_t r = 0; r < R; ++r) gwp[(b * K * Dn + kc) * R + r] = gw_acc[i * R + r][j];
+        gDp[b * K * Dn + kc] = gD_acc[i][j];
+        gbiasp[b * K * Dn + kc] = gbias_acc[i][j];
+      }
+    }
+  });
+  auto gx = K == 1 ? gx_dirs[0] : gx_dirs.sum(0);
+  return {gx, gx_dbl, gw_parts.sum(0).to(at::kFloat), gA_parts.sum(0).to(at::kFloat), gD_parts.sum(0).to(at::kFloat),
+          gbias_parts.sum(0).to(at::kFloat)};
 }
 
 }  // namespace
@@ -772,6 +1035,8 @@ at::Tensor ss2d_forward(const at::Tensor& x, const at::Tensor& x_dbl, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward: (y, checkpoints)");
   m.def("backward", &backward, "selective scan backward: (gu, gdelta, gA, gB, gC, gD, gdelta_bias)");
-  m.def("ss2d_forward", &ss2d_forward, "SS2D's 2-D selective scan for inference, cross-scan and merge included");
+  m.def("ss2d_forward", &ss2d_forward,
+        "SS2D's 2-D selective scan, cross-scan and merge included: (y, checkpoints if save_states)");
+  m.def("ss2d_backward", &ss2d_backward, "gradients of ss2d_forward: (gx, gx_dbl, gdt_w, gA, gD, gdelta_bias)");
   m.attr("chunk") = CHUNK;
 }
