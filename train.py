@@ -33,15 +33,17 @@ from layers.scan import BACKENDS, resolve_backend
 from models import (CheckpointError, build_model, compressai_architectures, compressai_arguments, is_compressai,
                     list_models, read_checkpoint, save_checkpoint)
 from utils.data import DataError, EpochSampler, PatchDataset, ShardSampler, resolve_dataset_folders
-from utils.training import (AMP_DTYPES, METRICS, RateDistortionLoss, capture_rng_state, configure_optimizers,
-                            evaluate, exclude_aux_from_ddp, has_unused_parameters, load_weights, restore_rng_state,
-                            seed_everything, train_step)
+from utils.training import (AMP_DTYPES, METRICS, RateDistortionLoss, available_cores, bf16_native,
+                            capture_rng_state, configure_optimizers, evaluate, exclude_aux_from_ddp,
+                            has_unused_parameters, load_optimizer_state, load_weights, restore_rng_state,
+                            seed_everything, step_values, train_step)
 
 log = logging.getLogger("csm.train")
 
 LATEST, BEST = "checkpoint_latest.pth.tar", "checkpoint_best.pth.tar"
 TRAINING_STATE = ("epoch", "step", "optimizer", "aux_optimizer", "lr_scheduler")
 VAL_IMAGES = 4  # validation reconstructions shown in TensorBoard
+READ_EVERY = 10  # steps between reads of the step results (each read waits for the device)
 LR_GAMMA = 0.1
 
 
@@ -60,6 +62,13 @@ def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -114,8 +123,13 @@ def build_parser():
     data.add_argument("--batch-size", type=positive_int, default=8, help="per process (default: %(default)s)")
     data.add_argument("--test-batch-size", type=positive_int, default=8,
                       help="validation batch size per process (default: %(default)s)")
-    data.add_argument("-n", "--num-workers", type=non_negative_int, default=4,
-                      help="data loader processes (default: %(default)s)")
+    data.add_argument("-n", "--num-workers", type=non_negative_int,
+                      help="data loader processes (default: 0 on the CPU, where decoding in the training process "
+                           "from the image cache leaves every core to the model; min(8, cores) with --cuda)")
+    data.add_argument("--cache-images", type=non_negative_float, default=2.0, metavar="GB",
+                      help="keep up to this many GB of decoded training images in memory (8-bit), so that each is "
+                           "decoded once per process instead of once per crop; 0 turns it off (default: "
+                           "%(default)s)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lambda", dest="lmbda", type=positive_float, default=0.0025,
@@ -131,12 +145,28 @@ def build_parser():
                        help="learning rate of the entropy bottleneck's quantiles (default: %(default)s)")
     optim.add_argument("--clip_max_norm", "--clip-max-norm", dest="clip_max_norm", type=float, default=1.0,
                        help="gradient-norm clipping, 0 to disable (default: %(default)s)")
-    optim.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
-                       help="autocast the model to bfloat16 (the selective scan stays float32) (default: none)")
     optim.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of the initialisation, crops, data order and noise (default: %(default)s)")
     optim.add_argument("--max-bad-steps", type=positive_int, default=20,
                        help="stop after more than this many non-finite steps in a row (default: %(default)s)")
+
+    speed = parser.add_argument_group("speed (every switch trains the same model: README, 'Training speed')")
+    speed.add_argument("--threads", type=positive_int,
+                       help="torch's CPU threads per process (default: the cores this process may use, divided "
+                            "among the processes of a CPU run)")
+    speed.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
+                       help="autocast to bfloat16: convolutions and matrix products in bfloat16, the selective "
+                            "scan, the entropy model's likelihoods and the loss in float32; auto: bf16 where the "
+                            "hardware computes it natively (CUDA GPUs with bfloat16, CPUs with AVX512-BF16 or "
+                            "AMX), none elsewhere (default: %(default)s)")
+    speed.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                       help="torch's fused Adam (one kernel for all parameters; skips a bad step without waiting "
+                            "for the device) (default: on)")
+    speed.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="TF32 for float32 matrix products and convolutions on CUDA GPUs (Ampere and newer) "
+                            "(default: on)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="model and batches in channels_last memory format (NHWC convolutions) (default: off)")
 
     run = parser.add_argument_group("run length, device, checkpoints and logs")
     run.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all (saves latest)")
@@ -225,10 +255,11 @@ class Session:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
             torch.backends.cudnn.benchmark = True  # fixed patch sizes
-            if args.amp == "bf16" and not torch.cuda.is_bf16_supported():
+            if args.amp == "bf16" and not bf16_native(self.device):
                 parser.error("--amp bf16 is not supported by this GPU")
         else:
             self.device = torch.device("cpu")
+        apply_speed_settings(args, self.device, self.world_size)
         if self.distributed:
             dist.init_process_group("nccl" if args.cuda else "gloo", init_method="env://")
         self.main = self.rank == 0
@@ -246,6 +277,22 @@ class Session:
         return out
 
 
+def apply_speed_settings(args, device, world_size=1):
+    """Resolve the speed switches' automatic values in ``args`` and apply the process-wide ones: torch's CPU threads
+    (set before anything runs: the Winograd convolutions' thread pool keeps its first size), TF32 on CUDA, the
+    autocast dtype (``--amp auto``) and the data loader's processes."""
+    threads = args.threads or max(1, available_cores() // world_size)
+    torch.set_num_threads(threads)
+    args.threads = threads
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.amp == "auto":
+        args.amp = "bf16" if bf16_native(device) else "none"
+    if args.num_workers is None:
+        args.num_workers = 0 if device.type == "cpu" else min(8, available_cores())
+
+
 class TqdmHandler(logging.StreamHandler):
     """Log lines that do not break tqdm's progress bars."""
 
@@ -254,6 +301,15 @@ class TqdmHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
+
+
+def format_duration(seconds):
+    """``1d 02:03:04`` / ``02:03:04``."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def plain_args(args):
@@ -275,7 +331,8 @@ class Trainer:
 
         try:
             train_dir, val_dir = resolve_dataset_folders(args.dataset, args.val_dataset)
-            self.train_set = PatchDataset(train_dir, args.patch_size, random_crop=True, seed=args.seed)
+            self.train_set = PatchDataset(train_dir, args.patch_size, random_crop=True, seed=args.seed,
+                                          cache_bytes=int(args.cache_images * 2**30))
             self.val_set = PatchDataset(val_dir, args.patch_size, random_crop=False, role="validation")
         except DataError as exc:
             error(str(exc))
@@ -289,9 +346,12 @@ class Trainer:
             except CheckpointError as exc:
                 error(str(exc))
         self.net.to(session.device).train()
+        if args.channels_last:
+            self.net.to(memory_format=torch.channels_last)
 
         self.criterion = RateDistortionLoss(args.lmbda, args.type)
-        self.optimizer, self.aux_optimizer = configure_optimizers(self.net, args.learning_rate, args.aux_learning_rate)
+        self.optimizer, self.aux_optimizer = configure_optimizers(self.net, args.learning_rate, args.aux_learning_rate,
+                                                                  fused=args.fused_adam)
         self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.lr_epoch, gamma=LR_GAMMA)
         self.epoch = self.step = self.step_in_epoch = self.bad_total = 0
         self.best_loss = math.inf
@@ -339,8 +399,8 @@ class Trainer:
         """Training state of a checkpoint; returns its per-process RNG states (restored once setup is done)."""
         args = self.args
         try:
-            self.optimizer.load_state_dict(data["optimizer"])
-            self.aux_optimizer.load_state_dict(data["aux_optimizer"])
+            load_optimizer_state(self.optimizer, data["optimizer"])
+            load_optimizer_state(self.aux_optimizer, data["aux_optimizer"])
             self.lr_scheduler.load_state_dict(data["lr_scheduler"])
         except (ValueError, KeyError, RuntimeError) as exc:
             error(f"checkpoint {args.checkpoint}: optimizer state does not fit this model ({exc})")
@@ -456,58 +516,87 @@ class Trainer:
         self.train_sampler.set_epoch(self.epoch, skip=self.step_in_epoch * args.batch_size)
         self.net.train()
         progress = args.progress if args.progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch}", dynamic_ncols=True,
-                   disable=not (progress and self.session.main))
-        window, started, consecutive_bad = [], time.perf_counter(), 0
+        self.bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch}", dynamic_ncols=True,
+                        disable=not (progress and self.session.main))
+        self.window, self.pending, self.consecutive_bad = [], [], 0
+        started, window_steps = time.perf_counter(), 0
         for x in itertools.islice(self.train_loader, todo):
             x = x.to(self.session.device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             result = train_step(self.model, x, self.criterion, self.optimizer, self.aux_optimizer, args.clip_max_norm,
                                 args.amp, self.session.distributed)
             self.step += 1
             self.step_in_epoch += 1
-            bar.update(1)
-            if result["finite"]:
-                consecutive_bad = 0
-                window.append(result | {"images": x.shape[0] * self.session.world_size})
-                bar.set_postfix(loss=f"{sum(r['loss'] for r in window) / len(window):.4f}",
-                                bpp=f"{sum(r['bpp_loss'] for r in window) / len(window):.3f}")
-            else:
-                consecutive_bad += 1
-                self.bad_total += 1
-                log.warning("step %d: non-finite loss or gradient (loss %s, aux %s, grad norm %s): skipped, %d in a "
-                            "row, %d in all", self.step, result["loss"], result["aux_loss"], result["grad_norm"],
-                            consecutive_bad, self.bad_total)
-                if self.writer is not None:
-                    self.writer.add_scalar("train/bad_steps", self.bad_total, self.step)
-                if consecutive_bad > args.max_bad_steps:
-                    bar.close()
-                    raise TrainingStopped(
-                        f"{consecutive_bad} non-finite steps in a row (more than --max-bad-steps "
-                        f"{args.max_bad_steps}) at step {self.step}: training diverged; try a lower learning rate, "
-                        "--amp none, or resume from an earlier checkpoint"
-                    )
-            if self.step % args.log_every == 0 and window:
-                self.log_window(window, time.perf_counter() - started, total)
-                window, started = [], time.perf_counter()
+            window_steps += 1
+            self.bar.update(1)
+            self.pending.append((self.step, result, x.shape[0] * self.session.world_size))
+            # Results are read (a wait for the device) every READ_EVERY steps, not after every step.
+            if len(self.pending) >= READ_EVERY or self.step % args.log_every == 0:
+                self.read_results()
+            if self.step % args.log_every == 0 and self.window:
+                self.log_window(time.perf_counter() - started, window_steps, total)
+                self.window, started, window_steps = [], time.perf_counter(), 0
             if args.save_every_steps and self.step % args.save_every_steps == 0 and self.step_in_epoch < total:
+                self.read_results()
                 self.save([LATEST])
-        bar.close()
-        if window and self.step % args.log_every:
-            self.log_window(window, time.perf_counter() - started, total)
+        self.read_results()
+        self.bar.close()
+        if self.window and self.step % args.log_every:
+            self.log_window(time.perf_counter() - started, window_steps, total)
         return self.step_in_epoch >= total
 
-    def log_window(self, window, seconds, total):
+    def read_results(self):
+        """Account for the pending steps' results in order: finite ones join the log window, non-finite ones are
+        counted and logged, and too many of them in a row stop the run."""
+        args = self.args
+        for step, result, images in self.pending:
+            values = step_values(result)
+            if values["finite"]:
+                self.consecutive_bad = 0
+                self.window.append(values | {"images": images})
+                continue
+            self.consecutive_bad += 1
+            self.bad_total += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s, aux %s, grad norm %s): skipped, %d in a row, "
+                        "%d in all", step, values["loss"], values["aux_loss"], values["grad_norm"],
+                        self.consecutive_bad, self.bad_total)
+            if self.writer is not None:
+                self.writer.add_scalar("train/bad_steps", self.bad_total, step)
+            if self.consecutive_bad > args.max_bad_steps:
+                self.bar.close()
+                raise TrainingStopped(
+                    f"{self.consecutive_bad} non-finite steps in a row (more than --max-bad-steps "
+                    f"{args.max_bad_steps}) at step {step}: training diverged; try a lower learning rate, "
+                    "--amp none, or resume from an earlier checkpoint"
+                )
+        self.pending = []
+        if self.window:
+            self.bar.set_postfix(loss=f"{sum(r['loss'] for r in self.window) / len(self.window):.4f}",
+                                 bpp=f"{sum(r['bpp_loss'] for r in self.window) / len(self.window):.3f}")
+
+    def planned_steps(self):
+        """Steps of the whole run: --epochs full epochs, or --max-steps if that comes first."""
+        planned = self.args.epochs * self.steps_per_epoch()
+        return planned if self.args.max_steps is None else min(planned, self.args.max_steps)
+
+    def log_window(self, seconds, steps, total):
+        window = self.window
         mean = {k: sum(r[k] for r in window) / len(window) for k in window[0] if k not in ("finite", "images")}
         if self.session.distributed:  # every process ran the same steps: average their measures
             keys = sorted(mean)
             values = torch.tensor([mean[k] for k in keys], dtype=torch.float64, device=self.session.device)
             dist.all_reduce(values)
             mean = dict(zip(keys, (values / self.session.world_size).tolist()))
-        mean["images_per_second"] = sum(r["images"] for r in window) / max(seconds, 1e-9)
+        seconds = max(seconds, 1e-9)
+        mean["images_per_second"] = sum(r["images"] for r in window) / seconds
+        mean["steps_per_second"] = steps / seconds
         mean["lr"] = self.optimizer.param_groups[0]["lr"]
-        log.info("epoch %d step %d/%d (%d in all): loss %.4f bpp %.4f mse %.3g psnr %.2f aux %.4g lr %.3g %.2f img/s",
-                 self.epoch, self.step_in_epoch, total, self.step, mean["loss"], mean["bpp_loss"], mean["mse_loss"],
-                 mean["psnr"], mean["aux_loss"], mean["lr"], mean["images_per_second"])
+        eta = max(self.planned_steps() - self.step, 0) / mean["steps_per_second"]
+        log.info("epoch %d step %d/%d (%d in all): loss %.4f bpp %.4f mse %.3g psnr %.2f aux %.4g lr %.3g | "
+                 "%.3g steps/s %.2f img/s, ETA %s (training steps)", self.epoch, self.step_in_epoch, total, self.step,
+                 mean["loss"], mean["bpp_loss"], mean["mse_loss"], mean["psnr"], mean["aux_loss"], mean["lr"],
+                 mean["steps_per_second"], mean["images_per_second"], format_duration(eta))
         if self.writer is not None:
             for key, value in mean.items():
                 self.writer.add_scalar(f"train/{key}", value, self.step)

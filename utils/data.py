@@ -19,7 +19,7 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from utils.image import IMAGE_EXTENSIONS, ImageReadError, load_image
+from utils.image import IMAGE_EXTENSIONS, ImageReadError, load_rgb8, to_float
 
 log = logging.getLogger("csm.data")
 
@@ -130,9 +130,13 @@ class PatchDataset(Dataset):
     before each epoch's loader iterator is created. ``random_crop=False`` (validation): the centre crop.
     A file that fails to decode (a truncated file whose header read fine) is reported once and replaced by the
     next readable image.
+
+    ``cache_bytes``: decoded images (8-bit, 3 bytes a pixel) are kept in memory up to this many bytes, so that an
+    image is decoded once instead of once per crop (0: none). Only the process that made the dataset caches (a data
+    loader's worker processes, made anew every epoch, decode every time).
     """
 
-    def __init__(self, folder, patch_size, random_crop, seed=0, role="training"):
+    def __init__(self, folder, patch_size, random_crop, seed=0, role="training", cache_bytes=0):
         self.folder = Path(folder)
         self.patch_size = tuple(int(s) for s in patch_size)
         self.random_crop = random_crop
@@ -141,12 +145,25 @@ class PatchDataset(Dataset):
         self.role = role
         self.files = usable_images(folder, self.patch_size, role)
         self._broken = set()
+        self.cache_bytes = int(cache_bytes)
+        self._cache, self._cached_bytes = {}, 0
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.files)
+
+    def _pixels(self, index):
+        """Image ``index`` as 3xHxW uint8, from the cache or decoded (and cached while the budget allows)."""
+        pixels = self._cache.get(index)
+        if pixels is not None:
+            return pixels
+        pixels = load_rgb8(self.files[index])[0].contiguous()
+        if self._cached_bytes + pixels.numel() <= self.cache_bytes and torch.utils.data.get_worker_info() is None:
+            self._cache[index] = pixels
+            self._cached_bytes += pixels.numel()
+        return pixels
 
     def _crop(self, image, index):
         height, width = image.shape[-2:]
@@ -156,7 +173,7 @@ class PatchDataset(Dataset):
             top, left = int(rng.integers(0, height - patch_h + 1)), int(rng.integers(0, width - patch_w + 1))
         else:
             top, left = (height - patch_h) // 2, (width - patch_w) // 2
-        return image[0, :, top : top + patch_h, left : left + patch_w].contiguous()
+        return to_float(image[:, top : top + patch_h, left : left + patch_w]).contiguous()
 
     def __getitem__(self, index):
         for offset in range(len(self.files)):
@@ -165,7 +182,7 @@ class PatchDataset(Dataset):
             if path in self._broken:
                 continue
             try:
-                image = load_image(path)
+                image = self._pixels(candidate)
             except (ImageReadError, OSError) as err:
                 self._broken.add(path)
                 log.warning("%s set: skipping unreadable image %s (%s)", self.role, path, err)

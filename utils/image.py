@@ -91,14 +91,30 @@ def _apply_orientation(rgb: Image.Image, orientation: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> 1x3xHxW float32 tensor in [0, 1] (value k becomes k/255)."""
+    return to_float(to_uint8_tensor(img)).unsqueeze(0)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> 3xHxW uint8 tensor."""
     if img.mode != "RGB":
         raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode}")
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HxWx3
-    return pixels.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div(255.0)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # HxWx3 -> 3xHxW
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (value k becomes k/255), same shape."""
+    return pixels.to(torch.float32).div(255.0)
 
 
 def load_image_with_note(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
-    """Read any image file as 8-bit RGB: (1x3xHxW float32 in [0, 1], note on the conversion or None).
+    """Read any image file as 8-bit RGB: (1x3xHxW float32 in [0, 1], note on the conversion or None); see
+    `load_rgb8` for the conversions."""
+    pixels, note = load_rgb8(path)
+    return to_float(pixels).unsqueeze(0), note
+
+
+def load_rgb8(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
+    """Read any image file as 8-bit RGB: (3xHxW uint8 tensor, note on the conversion or None).
 
     Grayscale is replicated to three channels, palettes are expanded, CMYK is converted by Pillow's formula,
     alpha is dropped (not composited), 16-bit samples become round(v / 257) and the EXIF orientation is applied,
@@ -120,7 +136,7 @@ def load_image_with_note(path: str | os.PathLike) -> tuple[torch.Tensor, str | N
     if orientation in range(2, 9):
         rgb = _apply_orientation(rgb, orientation)
         note = "; ".join(filter(None, [note, f"EXIF orientation {orientation} applied"]))
-    return to_tensor(rgb), note
+    return to_uint8_tensor(rgb), note
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
