@@ -18,6 +18,7 @@ exactly as if it had not stopped.
 import argparse
 import ast
 import itertools
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from utils.training import (AMP_DTYPES, METRICS, RateDistortionLoss, available_c
 log = logging.getLogger("csm.train")
 
 LATEST, BEST = "checkpoint_latest.pth.tar", "checkpoint_best.pth.tar"
+METRICS_LOG = "metrics.jsonl"  # one line per validation: epoch, step, seconds of the run so far, lr, metrics
 TRAINING_STATE = ("epoch", "step", "optimizer", "aux_optimizer", "lr_scheduler")
 VAL_IMAGES = 4  # validation reconstructions shown in TensorBoard
 READ_EVERY = 10  # steps between reads of the step results (each read waits for the device)
@@ -169,7 +171,8 @@ def build_parser():
                        help="model and batches in channels_last memory format (NHWC convolutions) (default: off)")
 
     run = parser.add_argument_group("run length, device, checkpoints and logs")
-    run.add_argument("--max-steps", type=positive_int, help="stop after this many steps in all (saves latest)")
+    run.add_argument("--max-steps", type=positive_int,
+                     help="stop after this many steps in all (validates and saves latest)")
     run.add_argument("--epoch-steps", type=positive_int, help="cap the steps of one epoch (default: a full pass)")
     run.add_argument("--cuda", action="store_true", help="train on the GPU (one per process under torchrun)")
     run.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -180,6 +183,9 @@ def build_parser():
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                      help="also restore the training state (epoch, step, optimizers, scheduler, RNG) of --checkpoint, "
                           "by default SAVE_PATH/" + LATEST + " (default: off)")
+    run.add_argument("--val-every", type=positive_int, default=1,
+                     help="validate (and refresh the latest and best checkpoints) every this many epochs, and after "
+                          "the last (default: %(default)s)")
     run.add_argument("--snapshot-every", type=non_negative_int, default=10,
                      help="keep checkpoint_epochNNN.pth.tar every this many epochs, 0 for none (default: "
                           "%(default)s)")
@@ -354,6 +360,8 @@ class Trainer:
                                                                   fused=args.fused_adam)
         self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.lr_epoch, gamma=LR_GAMMA)
         self.epoch = self.step = self.step_in_epoch = self.bad_total = 0
+        self.seconds_before, self.clock = 0.0, time.perf_counter()  # the run's time: earlier processes' + this one's
+        self.validated_step = None
         self.best_loss = math.inf
         rng_state = None
         if args.resume:
@@ -408,6 +416,7 @@ class Trainer:
         self.step_in_epoch = int(data.get("step_in_epoch", 0))
         self.best_loss = float(data.get("best_loss", math.inf))
         self.bad_total = int(data.get("bad_steps_total", 0))
+        self.seconds_before = float(data.get("train_seconds", 0.0))
         if sorted(self.lr_scheduler.milestones) != sorted(args.lr_epoch):
             log.warning("--lr_epoch %s replaces the checkpoint's milestones %s", args.lr_epoch,
                         sorted(self.lr_scheduler.milestones))
@@ -470,6 +479,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "best_loss": self.best_loss,
             "bad_steps_total": self.bad_total,
+            "train_seconds": self.elapsed(),
             "rng": rng,
             "seed": self.args.seed,
             "world_size": self.session.world_size,
@@ -481,23 +491,31 @@ class Trainer:
             save_checkpoint(self.save_path / name, self.net, self.args.lmbda, **state)
 
     # --- the loop -----------------------------------------------------------------------------------------------
+    def elapsed(self):
+        """Seconds the run has taken so far, over every process that resumed it (setup excluded)."""
+        return self.seconds_before + time.perf_counter() - self.clock
+
     def steps_per_epoch(self):
         full = math.ceil(self.train_sampler.per_rank() / self.args.batch_size)
         return min(full, self.args.epoch_steps or full)
 
     def fit(self):
         args = self.args
+        self.clock = time.perf_counter()
         if self.epoch >= args.epochs:
             log.info("the checkpoint has already completed %d of %d epochs: nothing to do", self.epoch, args.epochs)
+        first_step = self.step
         while self.epoch < args.epochs:
             if args.max_steps is not None and self.step >= args.max_steps:
                 break
             if not self.train_epoch():
-                # Stopped by --max-steps in the middle of an epoch: keep where we are.
-                self.save([LATEST])
-                log.info("stopped after %d steps (--max-steps); resume with --resume", self.step)
-                break
+                break  # stopped by --max-steps in the middle of an epoch
             self.end_epoch()
+        if self.step > first_step and self.validated_step != self.step:
+            # The run ends between validations (--max-steps, --val-every): validate, and keep where it stopped.
+            self.validate_and_save()
+        if args.max_steps is not None and self.step >= args.max_steps and self.epoch < args.epochs:
+            log.info("stopped after %d steps (--max-steps); resume with --resume", self.step)
         if self.writer is not None:
             self.writer.close()
         if args.debug_dump_rank_params:
@@ -602,15 +620,23 @@ class Trainer:
                 self.writer.add_scalar(f"train/{key}", value, self.step)
 
     def end_epoch(self):
-        """Scheduler step, validation, best/latest/snapshot checkpoints."""
+        """Scheduler step; every --val-every epochs (and after the last) validation, a line in SAVE_PATH/metrics.jsonl
+        and the best/latest/snapshot checkpoints."""
         self.lr_scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
+        if self.epoch % self.args.val_every == 0 or self.epoch >= self.args.epochs:
+            self.validate_and_save()
+
+    def validate_and_save(self):
+        """Validation, a line in SAVE_PATH/metrics.jsonl, the latest and (when best) best checkpoints, a snapshot
+        every --snapshot-every epochs."""
+        self.validated_step = self.step
         metrics, images = evaluate(self.model, self.val_loader, self.criterion, self.session.device, self.args.amp,
                                    self.session.distributed, keep_images=VAL_IMAGES if self.session.main else 0)
         is_best = metrics["loss"] < self.best_loss
         self.best_loss = min(self.best_loss, metrics["loss"])
-        log.info("epoch %d validation: %s%s", self.epoch - 1,
+        log.info("epoch %d (step %d) validation: %s%s", self.epoch - (self.step_in_epoch == 0), self.step,
                  " ".join(f"{k} {v:.5g}" for k, v in metrics.items()), " (best)" if is_best else "")
         if self.writer is not None:
             for key, value in metrics.items():
@@ -619,8 +645,14 @@ class Trainer:
                 self.writer.add_image(f"val/original_vs_reconstruction_{i}", torch.cat([x, x_hat], dim=-1),
                                       self.epoch)
             self.writer.flush()
+        if self.session.main and self.args.save:
+            record = {"epoch": self.epoch, "step": self.step, "seconds": round(self.elapsed(), 1),
+                      "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+            self.save_path.mkdir(parents=True, exist_ok=True)
+            with open(self.save_path / METRICS_LOG, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         names = [LATEST] + ([BEST] if is_best else [])
-        if self.args.snapshot_every and self.epoch % self.args.snapshot_every == 0:
+        if self.args.snapshot_every and self.epoch % self.args.snapshot_every == 0 and self.step_in_epoch == 0:
             names.append(f"checkpoint_epoch{self.epoch:03d}.pth.tar")
         self.save(names, metrics)
 

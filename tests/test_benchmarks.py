@@ -83,3 +83,29 @@ def test_bench_train_times_a_compressai_architecture_at_the_given_widths(capsys)
     assert result["model"] == "compressai:mbt2018-mean" and result["overrides"] == {"N": 8, "M": 16}
     assert len(result["step_seconds_per_round"]) == 1 and result["step_seconds_median"] > 0
     assert result["peak_rss_gib"] > 0.1  # the child process's own peak
+
+
+FAKE_BASELINE = """import json, sys
+args = sys.argv[1:]
+model = args[args.index("--models") + 1]
+assert "--amp" not in args and "--in-process" not in args  # only the flags an older script knows
+print("noise before the report")
+print(json.dumps({"scan_backend": "cpu", "results": [{"model": model, "batch_size": 1, "step_seconds_median": 4.0,
+                                                      "step_seconds_all": [4.0]}]}))
+"""
+
+
+def test_bench_train_takes_turns_with_a_baseline_checkout(tmp_path, capsys):
+    """--baseline runs the other checkout's script with the shared flags, alternating with this tree's runs round
+    by round, and reports both medians, the ratio and each side's peak memory; -o writes the same JSON."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "bench_train.py").write_text(FAKE_BASELINE)
+    out = tmp_path / "report.json"
+    bench_train.main(["--models", "csm-small", "--size", "64", "64", "--steps", "1", "--warmup", "1", "--threads",
+                      "1", "--amp", "none", "--baseline", str(tmp_path), "--rounds", "2", "-o", str(out)])
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == report
+    (result,) = report["results"]
+    assert result["baseline"]["step_seconds_per_round"] == [4.0, 4.0] and result["baseline"]["peak_rss_gib"] > 0
+    assert len(result["step_seconds_per_round"]) == 2 and result["amp"] == "none"
+    assert result["time_ratio"] == round(result["step_seconds_median"] / 4.0, 3)

@@ -23,6 +23,7 @@ import train
 from models import build_model, load_checkpoint, read_checkpoint, save_checkpoint
 from tests.helpers import REPO, TINY, eval_main, shared_data, torch_threads
 from utils.data import EpochSampler, PatchDataset, resolve_dataset_folders, usable_images
+from utils.image import load_rgb8
 from utils.training import RateDistortionLoss
 
 TINY_FLAGS = ["-m", "csm-small", "--N", str(TINY["N"]), "--M", str(TINY["M"]), "--Z", str(TINY["Z"]),
@@ -81,7 +82,11 @@ def test_cli_trains_and_writes_checkpoints_and_logs(data, tmp_path):
     assert {"checkpoint_latest.pth.tar", "checkpoint_best.pth.tar", "checkpoint_epoch001.pth.tar",
             "checkpoint_epoch002.pth.tar", "tb"} <= names
     assert any(p.name.startswith("events.out.tfevents") for p in (save / "tb").iterdir())
-    assert "epoch 1 validation: loss" in proc.stdout and "img/s" in proc.stdout
+    assert "epoch 1 (step 2) validation: loss" in proc.stdout and "img/s" in proc.stdout
+    assert re.search(r"[\d.]+ steps/s [\d.]+ img/s, ETA \d\d:\d\d:\d\d", proc.stdout)
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 1), (2, 2)]
+    assert records[0]["seconds"] <= records[1]["seconds"] and all(math.isfinite(r["psnr"]) for r in records)
     latest = read_checkpoint(save / "checkpoint_latest.pth.tar")
     assert (latest["epoch"], latest["step"], latest["step_in_epoch"]) == (2, 2, 0)
     assert latest["lambda"] == 0.0025 and latest["train_args"]["epochs"] == 2
@@ -136,6 +141,49 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(data, tmp_path):
     assert_same_training_state(full, resumed)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)
     assert resumed.lr_scheduler.state_dict() == full.lr_scheduler.state_dict()
+
+
+def test_validation_every_few_epochs_and_at_the_end_with_the_run_time(data, tmp_path):
+    """--val-every validates every few epochs and after the last; a run stopped by --max-steps validates where it
+    stops; metrics.jsonl gets a line per validation with the run's time so far, which a resumed run continues."""
+    flags = ["--epochs", "5", "--epoch-steps", "1", "--val-every", "2", "--seed", "3"]
+    first = tiny_run(data, tmp_path, *flags, "--max-steps", "3")
+    assert (first.epoch, first.step) == (3, 3)
+    resumed = tiny_run(data, tmp_path, *flags, "--resume")
+    assert resumed.step == 5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3, 4, 5]  # epochs 2 and 4, the stop at 3, the last epoch
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert read_checkpoint(tmp_path / "checkpoint_latest.pth.tar")["train_seconds"] >= seconds[-1]
+
+
+def test_speed_settings_resolve_their_automatic_values(monkeypatch):
+    parser, args = train.parse_args(["-d", "x", "--threads", "1"])
+    assert (args.amp, args.num_workers, args.fused_adam, args.tf32, args.channels_last) == ("auto", None, True, True,
+                                                                                           False)
+    monkeypatch.setattr(train, "bf16_native", lambda device: True)
+    train.apply_speed_settings(args, torch.device("cpu"))
+    assert (args.amp, args.num_workers, args.threads, torch.get_num_threads()) == ("bf16", 0, 1, 1)
+    _, args = train.parse_args(["-d", "x", "--amp", "none", "-n", "3"])
+    monkeypatch.setattr(train, "available_cores", lambda: 4)
+    with torch_threads(1):
+        train.apply_speed_settings(args, torch.device("cpu"), world_size=2)
+        assert (args.amp, args.num_workers, args.threads, torch.get_num_threads()) == ("none", 3, 2, 2)
+
+
+def test_a_checkpoint_of_per_tensor_adam_resumes_into_fused_adam(data, tmp_path):
+    """Checkpoints written before fused Adam (and with --no-fused-adam) resume into the fused optimizer: the same
+    state, the step counters where fused Adam keeps them, and the run goes on exactly as with per-tensor Adam."""
+    flags = ["--epochs", "2", "--epoch-steps", "2", "--seed", "2", "--amp", "none"]
+    tiny_run(data, tmp_path / "a", *flags, "--no-fused-adam", "--max-steps", "2")
+    resumed = tiny_run(data, tmp_path / "a", *flags, "--resume")
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    steps = [s["step"] for s in resumed.optimizer.state.values()]
+    assert all(t.dtype == torch.float32 and float(t) == 4 for t in steps)
+    per_tensor = tiny_run(data, tmp_path / "b", *flags, "--no-fused-adam")
+    for p, q in zip(resumed.net.parameters(), per_tensor.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_trains(data, tmp_path, caplog):
@@ -320,6 +368,22 @@ def test_random_crops_depend_only_on_seed_epoch_and_index(data):
     assert not torch.equal(dataset[1], first)
     centre = PatchDataset(data / "val", (64, 128), random_crop=False, role="validation")
     assert centre[0].shape == (3, 64, 128)
+
+
+def test_cached_images_give_the_same_crops(data):
+    """The decoded-image cache changes nothing but speed: the same crops, and only within its byte budget."""
+    plain = PatchDataset(data / "train", (64, 64), random_crop=True, seed=5)
+    cached = PatchDataset(data / "train", (64, 64), random_crop=True, seed=5, cache_bytes=2**30)
+    budget = load_rgb8(plain.files[0])[0].numel()  # room for the first image only
+    small = PatchDataset(data / "train", (64, 64), random_crop=True, seed=5, cache_bytes=budget)
+    for epoch in (0, 1):
+        for dataset in (plain, cached, small):
+            dataset.set_epoch(epoch)
+        for i in range(len(plain)):
+            expected = plain[i]
+            assert torch.equal(cached[i], expected) and torch.equal(small[i], expected)
+            assert expected.dtype == torch.float32 and expected.is_contiguous()
+    assert len(cached._cache) == len(plain) and list(small._cache) == [0] and small._cached_bytes == budget
 
 
 def test_rate_distortion_loss_values():
