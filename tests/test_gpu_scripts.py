@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from scripts import build_mamba_kernel as kb
-from scripts import gpu_check
+from scripts import gpu_check, gpu_train_speed
 from tests.helpers import REPO
 
-SHELL_SCRIPTS = ("gpu_check.sh", "fetch_gpu_deps.sh", "install_mamba.sh")
+SHELL_SCRIPTS = ("gpu_check.sh", "fetch_gpu_deps.sh", "install_mamba.sh", "gpu_train_speed.sh")
 
 
 def _sdist_or_skip():
@@ -212,3 +212,38 @@ def test_find_sdist_unpacks_a_tarball(tmp_path):
 def test_shell_script_syntax(name):
     proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / name)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- gpu_train_speed.py ------------------------------------------------------------------------------------------
+def test_gpu_train_speed_plans_the_issue_configuration_and_stops_at_its_budget(tmp_path, capsys):
+    """On the GPU: csm at N=128, batch 8, 256x256 against the baseline; a stage past --budget-s is recorded as not
+    started (here all of them, with a budget of 0), and the JSON is written."""
+    assert gpu_train_speed.bench_flags(False)[:8] == ["--cuda", "--models", "csm", "--batch-size", "8", "--size",
+                                                      "256", "256"]
+    out = tmp_path / "speed.json"
+    code = gpu_train_speed.main(["--output", str(out), "--budget-s", "0", "--stages", "csm,amp"])
+    report = json.loads(out.read_text())
+    assert code == 1 and set(report["stages"]) == {"csm", "amp"}
+    assert all("not started" in stage["error"] for stage in report["stages"].values())
+
+
+@pytest.mark.slow
+def test_gpu_train_speed_smoke_runs_every_stage_on_the_cpu(tmp_path):
+    """--smoke: the side-by-side benchmark against a baseline checkout (this tree itself), the variants and the amp
+    check, on the CPU at tiny sizes (several minutes on 2 cores)."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "scripts/gpu_train_speed.py", "--smoke", "--baseline", str(REPO),
+                           "--data", str(shared_data_or_skip()), "--output", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (csm,) = report["stages"]["csm"]["reports"][0]["results"]
+    assert csm["time_ratio"] > 0 and csm["baseline"]["peak_rss_gib"] > 0
+    assert len(report["stages"]["variants"]["reports"]) == 3
+    assert report["stages"]["amp"]["reports"][0]["steps"] == 3
+
+
+def shared_data_or_skip():
+    from tests.helpers import shared_data
+
+    return shared_data("bsds500")
