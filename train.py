@@ -45,6 +45,10 @@ LATEST, BEST = "checkpoint_latest.pth.tar", "checkpoint_best.pth.tar"
 METRICS_LOG = "metrics.jsonl"  # one line per validation: epoch, step, seconds of the run so far, lr, metrics
 TRAINING_STATE = ("epoch", "step", "optimizer", "aux_optimizer", "lr_scheduler")
 VAL_IMAGES = 4  # validation reconstructions shown in TensorBoard
+# torch 2.14's oneDNN corrupts the heap in the weight gradient of a strided 1x1 convolution with 3 input channels in
+# channels_last (g_a's first skip connection); glibc then aborts the process.
+CHANNELS_LAST_CPU = ("--channels-last needs --cuda: on the CPU, torch's backward of g_a's strided 1x1 convolution in "
+                     "channels_last corrupts memory (and it is no faster there)")
 READ_EVERY = 10  # steps between reads of the step results (each read waits for the device)
 LR_GAMMA = 0.1
 
@@ -168,7 +172,8 @@ def build_parser():
                        help="TF32 for float32 matrix products and convolutions on CUDA GPUs (Ampere and newer) "
                             "(default: on)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                       help="model and batches in channels_last memory format (NHWC convolutions) (default: off)")
+                       help="model and batches in channels_last memory format (NHWC convolutions), with --cuda "
+                            "(default: off)")
 
     run = parser.add_argument_group("run length, device, checkpoints and logs")
     run.add_argument("--max-steps", type=positive_int,
@@ -207,6 +212,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if any(s % 64 for s in args.patch_size):
         parser.error(f"--patch-size must be multiples of 64 (the model's stride); got {args.patch_size}")
+    if args.channels_last and not args.cuda:
+        parser.error(CHANNELS_LAST_CPU)
     if args.type == "ms-ssim" and min(args.patch_size) < 161:
         parser.error("--type ms-ssim needs patches of at least 192x192 (MS-SSIM's 5 scales need 161 pixels)")
     if is_compressai(args.model):

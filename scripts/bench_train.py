@@ -80,6 +80,8 @@ def parse_args(argv=None):
         parser.error(f"--size must be multiples of 64; got {args.size}")
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda was given but no CUDA GPU is available")
+    if args.channels_last and not args.cuda:
+        parser.error("--channels-last needs --cuda (see train.py --help)")
     if args.baseline and not (Path(args.baseline) / "scripts" / "bench_train.py").is_file():
         parser.error(f"--baseline {args.baseline}: no scripts/bench_train.py there")
     return args

@@ -111,7 +111,8 @@ def main(argv=None):
              "cc_hidden=(16, 16)", "--patch-size", "64", "64", "--batch-size", "2", "--test-batch-size", "2"]
     stage_commands = {
         "csm": [[*bench, "--baseline", str(args.baseline), "--rounds", "1" if args.smoke else "2"]],
-        "variants": [[*bench, "--amp", "none"], [*bench, "--channels-last"],
+        # channels_last on CUDA only (train.py refuses it on the CPU)
+        "variants": [[*bench, "--amp", "none"], *([] if args.smoke else [[*bench, "--channels-last"]]),
                      [*bench[:bench.index("--models") + 1], "tcm-small" if args.smoke else "tcm",
                       *bench[bench.index("--models") + 2:]]],
         "amp": [[sys.executable, "scripts/amp_check.py", "-d", str(args.data),

@@ -186,6 +186,31 @@ def test_a_checkpoint_of_per_tensor_adam_resumes_into_fused_adam(data, tmp_path)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_channels_last_is_refused_on_the_cpu(data, capsys):
+    err = usage_error(capsys, ["-d", str(data), *RUN_FLAGS, "--channels-last"])
+    assert "--channels-last needs --cuda" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="channels_last training runs on CUDA only")
+def test_channels_last_computes_the_same_step_on_cuda():
+    """--channels-last changes the memory format of the weights and batches, not the function: the loss and every
+    gradient of a step equal those of the default format within float32 rounding. (In eval mode: training's
+    quantisation noise is drawn in memory order, so it differs between the formats.)"""
+    torch.manual_seed(0)
+    model = build_model("csm-small", **TINY).eval().cuda()
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    criterion = RateDistortionLoss(0.0025)
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad(set_to_none=True)
+        model.to(memory_format=memory_format)
+        loss = criterion(model(x.contiguous(memory_format=memory_format)), x)["loss"]
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * max(a.abs().max().item(), 1.0))
+
+
 def test_bf16_autocast_trains(data, tmp_path, caplog):
     trainer = tiny_run(data, tmp_path, "--epochs", "1", "--epoch-steps", "2", "--amp", "bf16", "--no-save",
                        "--log-every", "1")
