@@ -36,7 +36,8 @@ from models import (CheckpointError, build_model, compressai_architectures, comp
 from utils.data import DataError, EpochSampler, PatchDataset, ShardSampler, resolve_dataset_folders
 from utils.training import (AMP_DTYPES, METRICS, RateDistortionLoss, available_cores, bf16_native,
                             capture_rng_state, configure_optimizers, evaluate, exclude_aux_from_ddp,
-                            has_unused_parameters, load_optimizer_state, load_weights, restore_rng_state,
+                            has_unused_parameters, keep_freed_memory, load_optimizer_state, load_weights,
+                            restore_rng_state,
                             seed_everything, step_values, train_step)
 
 log = logging.getLogger("csm.train")
@@ -165,6 +166,10 @@ def build_parser():
                             "scan, the entropy model's likelihoods and the loss in float32; auto: bf16 where the "
                             "hardware computes it natively (CUDA GPUs with bfloat16, CPUs with AVX512-BF16 or "
                             "AMX), none elsewhere (default: %(default)s)")
+    speed.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                       help="glibc keeps freed memory for reuse instead of returning it to the kernel, so that a "
+                            "step's large tensors are not faulted in again page by page (8-16 %% of a CPU step, "
+                            "about 5 %% more peak memory) (default: on)")
     speed.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                        help="torch's fused Adam (one kernel for all parameters; skips a bad step without waiting "
                             "for the device) (default: on)")
@@ -294,6 +299,8 @@ def apply_speed_settings(args, device, world_size=1):
     """Resolve the speed switches' automatic values in ``args`` and apply the process-wide ones: torch's CPU threads
     (set before anything runs: the Winograd convolutions' thread pool keeps its first size), TF32 on CUDA, the
     autocast dtype (``--amp auto``) and the data loader's processes."""
+    if args.keep_freed_memory:
+        keep_freed_memory()
     threads = args.threads or max(1, available_cores() // world_size)
     torch.set_num_threads(threads)
     args.threads = threads

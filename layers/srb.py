@@ -126,7 +126,8 @@ class StateSpaceResidualBlock(nn.Module):
         pixels = refined.flatten(2)  # (B, C, HW)
         x_local = torch.baddbmm(mix_bias[:, :local_channels, None], mix_weight[:, :local_channels], pixels)
         y_local = self.cnn_branch(x_local.view(batch, local_channels, height, width)).flatten(2)
-        out = torch.baddbmm(x.flatten(2), fusion_weight[:, :, :local_channels], y_local)
+        fusion_bias = self.fusion.bias[None, :, None].expand(batch, -1, height * width)
+        out = torch.baddbmm(fusion_bias, fusion_weight[:, :, :local_channels], y_local)
         ssm_weight, ssm_bias = mix_weight[:, local_channels:], mix_bias[:, None, local_channels:]
         if isinstance(self.ssm_branch, VSSBlock):  # channels last: (B, HW, C_ssm) rows in and out
             rows = torch.baddbmm(ssm_bias, pixels.transpose(1, 2), ssm_weight.transpose(1, 2))
@@ -136,8 +137,8 @@ class StateSpaceResidualBlock(nn.Module):
             x_ssm = torch.baddbmm(ssm_bias.transpose(1, 2), ssm_weight, pixels)
             y_ssm = self.ssm_branch(x_ssm.view(batch, -1, height, width)).flatten(2)
             out = torch.baddbmm(out, fusion_weight[:, :, local_channels:], y_ssm)
-        out = out + self.fusion.bias[:, None].to(out.dtype)
-        return out.view(batch, channels, height, width)
+        # The outer skip adds in x's precision (under autocast the products above run in bfloat16).
+        return x + out.view(batch, channels, height, width)
 
     def _folds(self, x):
         """Whether ``forward`` takes the folded path: CPU inference (``cpu_inference``) with the 1x1 fusion."""

@@ -157,8 +157,11 @@ class SS2D(nn.Module):
             x_dbl = linear_rows(pixels, x_proj)  # (B, L, K * (R + 2N))
             params = [p.float().contiguous() for p in params]
             y = cpu.load_extension().ss2d_forward(pixels, x_dbl, *params, True, height, width, False)[0]
-        else:
-            y = cpu.ss2d_scan_cpu(pixels, F.linear(pixels, x_proj), *params, height, width)
+        else:  # x_proj in float32 too: the kernel scans in float32, so a bfloat16 product would only add casts
+            pixels = pixels.float()
+            with torch.autocast("cpu", enabled=False):
+                x_dbl = F.linear(pixels, x_proj.float())
+            y = cpu.ss2d_scan_cpu(pixels, x_dbl, *params, height, width)
         return y.view(batch, height, width, self.d_inner)
 
     def forward(self, x):

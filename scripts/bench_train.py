@@ -36,7 +36,7 @@ from models import build_model, list_models  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
 from utils.evaluation import synchronize, write_json  # noqa: E402
 from utils.training import (AMP_DTYPES, RateDistortionLoss, available_cores, bf16_native,  # noqa: E402
-                            configure_optimizers, step_values, train_step)
+                            configure_optimizers, keep_freed_memory, step_values, train_step)
 
 # (preset, overrides, timed steps on the CPU): the paper's model is slow on a CPU, so it gets fewer steps.
 CONFIGS = (("csm-small", {}, 5), ("csm", {"N": 128}, 3))
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
                         help="autocast dtype, as train.py's --amp (default: auto)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc keeps freed memory, as train.py (default: on)")
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                         help="torch's fused Adam, as train.py (default: on)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -133,6 +135,7 @@ def bench(preset, overrides, steps, args, device):
         "amp": amp,
         "fused_adam": args.fused_adam,
         "channels_last": args.channels_last,
+        "keep_freed_memory": args.keep_freed_memory,
         "timed_steps": steps,
         "step_seconds_median": round(median, 4),
         "step_seconds_all": [round(t, 4) for t in times],
@@ -159,6 +162,7 @@ def child_argv(args, model, baseline):
         return argv
     argv += ["--amp", args.amp, "--fused-adam" if args.fused_adam else "--no-fused-adam",
              "--channels-last" if args.channels_last else "--no-channels-last", "--tf32" if args.tf32 else "--no-tf32",
+             "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory",
              "--in-process"]
     return argv + [item for flag, value in widths if value is not None for item in (flag, str(value))]
 
@@ -207,6 +211,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     if args.in_process:
+        if args.keep_freed_memory:
+            keep_freed_memory()
         [(preset, overrides, cpu_steps)] = configurations(args)
         result = bench(preset, overrides, args.steps or (20 if args.cuda else cpu_steps), args, device)
         print(json.dumps({"results": [result], "scan_backend": resolve_backend(device, args.scan_backend)}))

@@ -110,6 +110,23 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+def keep_freed_memory():
+    """Ask glibc's allocator to keep freed memory for reuse (no mmap for large blocks, no trimming of the heap)
+    instead of returning it to the kernel, which otherwise faults every large tensor of a training step in again,
+    page by page: 8-16 % of a csm-small CPU step here, for about 5 % more peak memory. Process-wide, for the
+    allocations made after it. Returns False (and changes nothing) where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def bf16_native(device):
     """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bfloat16, or a CPU with AVX512-BF16 or AMX
     (oneDNN's bfloat16 kernels). Elsewhere bfloat16 is emulated and slower than float32."""
