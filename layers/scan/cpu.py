@@ -119,11 +119,9 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 class SS2DScanCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dbl, dt_w, A, D, delta_bias, height, width):
-        save = any(ctx.needs_input_grad)
-        y, checkpoints = load_extension().ss2d_forward(x, x_dbl, dt_w, A, D, delta_bias, True, height, width, save)
+        y, checkpoints = load_extension().ss2d_forward(x, x_dbl, dt_w, A, D, delta_bias, True, height, width, True)
         ctx.size = (height, width)
-        if save:
-            ctx.save_for_backward(x, x_dbl, dt_w, A, D, delta_bias, checkpoints)
+        ctx.save_for_backward(x, x_dbl, dt_w, A, D, delta_bias, checkpoints)
         return y
 
     @staticmethod
@@ -142,4 +140,6 @@ def ss2d_scan_cpu(x, x_dbl, dt_w, A, D, delta_bias, height, width):
     (the scan never runs in reduced precision); the backward recomputes the states from the forward's chunk
     checkpoints (as ``selective_scan_cpu``) and every input gets its gradient."""
     inputs = [t.float().contiguous() for t in (x, x_dbl, dt_w, A, D, delta_bias)]
-    return SS2DScanCpu.apply(*inputs, height, width)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return SS2DScanCpu.apply(*inputs, height, width)
+    return load_extension().ss2d_forward(*inputs, True, height, width, False)[0]  # no states to keep
