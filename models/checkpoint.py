@@ -59,7 +59,11 @@ def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
     model = unwrap_model(model)
     state_dict = model.state_dict()
     if weights_dtype is not None:
-        state_dict = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        # Parameters only: the constant buffers (likelihood and GDN bounds, pedestals, scale table) keep their
+        # precision; a bound of 1e-9 is 0 in float16.
+        learned = {name for name, _ in model.named_parameters()}
+        state_dict = {k: v.to(weights_dtype) if k in learned and v.is_floating_point() else v
+                      for k, v in state_dict.items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -207,11 +211,21 @@ def describe_mismatch(model, state_dict, limit=12):
     return "\n".join(lines)
 
 
+# Buffers whose values the architecture fixes (bounds, pedestals, the bottleneck's quantile targets): checkpoints
+# exported in float16 before save_checkpoint kept them in float32 hold them rounded (likelihood bounds of 1e-9 as 0,
+# which makes a likelihood 0 and a rate infinite); loading keeps the model's own values for those.
+CONSTANT_BUFFERS = (".bound", ".pedestal", "scale_bound", "scale_table", ".target")
+
+
 def load_state_dict_checked(model, state_dict, source="checkpoint"):
-    """``model.load_state_dict(strict=True)`` with a readable diff instead of PyTorch's wall of keys."""
+    """``model.load_state_dict(strict=True)`` with a readable diff instead of PyTorch's wall of keys; constant buffers
+    stored in float16 (``CONSTANT_BUFFERS``) keep the model's values."""
     diff = describe_mismatch(model, state_dict)
     if diff:
         raise CheckpointError(f"{source} does not match {describe(model)}:\n{diff}")
+    own = model.state_dict()
+    state_dict = {k: own[k] if k.endswith(CONSTANT_BUFFERS) and v.dtype == torch.float16 else v
+                  for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True)
     return model
 

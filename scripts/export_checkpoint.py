@@ -2,7 +2,7 @@
 
     python scripts/export_checkpoint.py runs/x/checkpoint_best.pth.tar checkpoints/csm-small.pth.tar --half
 
-The training state (optimizers, RNG) is dropped. With ``--half`` the weights are rounded to float16 *before* the
+The training state (optimizers, RNG) is dropped. With ``--half`` the learned weights (not the constant buffers: bounds, pedestals) are rounded to float16 *before* the
 tables are built, so the stored tables belong to exactly the weights a user loads (they load back as float32).
 """
 
@@ -29,9 +29,8 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     if args.half:
         with torch.no_grad():
-            for tensor in model.state_dict().values():
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.half().float())
+            for tensor in model.parameters():  # the constant buffers (bounds) stay as they are
+                tensor.copy_(tensor.half().float())
     model.update(force=True)
     info = model.checkpoint_info
     save_checkpoint(

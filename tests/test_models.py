@@ -253,6 +253,15 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     weight = loaded.g_a[0].conv1.weight
     assert weight.dtype == torch.float32
     assert torch.equal(weight, model.g_a[0].conv1.weight.half().float())
+    # The constant buffers stay float32: a likelihood bound of 1e-9 would be 0 in float16 (an infinite rate).
+    bound = "entropy_model.gaussian_conditional.likelihood_lower_bound.bound"
+    assert stored[bound].dtype == torch.float32 and stored[bound].item() == pytest.approx(1e-9)
+    # Files exported before that (every float in float16) load with the model's own constants.
+    old = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({**torch.load(path, weights_only=True), "state_dict": old}, tmp_path / "old.pth.tar")
+    state = load_checkpoint(tmp_path / "old.pth.tar").state_dict()
+    assert state[bound].item() == pytest.approx(1e-9) and state["entropy_bottleneck.likelihood_lower_bound.bound"] > 0
+    assert torch.equal(state["g_a.0.conv1.weight"], model.g_a[0].conv1.weight.half().float())
 
 
 # --- CompressAI architectures ---------------------------------------------------------------------------------------
@@ -313,6 +322,8 @@ def test_compressai_checkpoint_round_trip_and_half_export(tmp_path):
     export_checkpoint.main([str(path), str(tmp_path / "half.pth.tar"), "--half"])
     half = torch.load(tmp_path / "half.pth.tar", weights_only=True)
     assert half["arch"] == "compressai:mbt2018-mean" and half["state_dict"]["g_a.0.weight"].dtype == torch.float16
+    bound = half["state_dict"]["entropy_bottleneck.likelihood_lower_bound.bound"]
+    assert bound.dtype == torch.float32 and bound.item() == pytest.approx(1e-9)  # not rounded to 0
     exported = load_checkpoint(tmp_path / "half.pth.tar")
     assert not exported.update()  # the entropy-coder tables came with the file
     assert torch.equal(exported.g_a[0].weight, model.g_a[0].weight.half().float())
