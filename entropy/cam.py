@@ -221,6 +221,13 @@ class ChannelAutoregressiveEntropyModel(nn.Module):
                 "the Gaussian conditional has no CDF tables: call model.update() before compress/decompress "
                 "(or gaussian_conditional.update_scale_table(get_scale_table()) on the entropy model alone)"
             )
+        if not gc._quantized_cdf.size(0) == gc._cdf_length.numel() == gc._offset.numel() == gc.scale_table.numel():
+            # The coder indexes the CDFs by the scale table without bounds checks: a mismatch would read past them.
+            raise RuntimeError(
+                f"the Gaussian conditional's tables do not match: {gc._quantized_cdf.size(0)} CDFs, "
+                f"{gc._cdf_length.numel()} lengths, {gc._offset.numel()} offsets for {gc.scale_table.numel()} scales "
+                "(call model.update(force=True) to rebuild them)"
+            )
         return gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist()
 
     def _check_inputs(self, latent_means, latent_scales, y=None):

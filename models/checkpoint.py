@@ -213,8 +213,9 @@ def describe_mismatch(model, state_dict, limit=12):
 
 # Buffers whose values the architecture fixes (bounds, pedestals, the bottleneck's quantile targets): checkpoints
 # exported in float16 before save_checkpoint kept them in float32 hold them rounded (likelihood bounds of 1e-9 as 0,
-# which makes a likelihood 0 and a rate infinite); loading keeps the model's own values for those.
-CONSTANT_BUFFERS = (".bound", ".pedestal", "scale_bound", "scale_table", ".target")
+# which makes a likelihood 0 and a rate infinite); loading keeps the model's own values for those. (Not the scale
+# table: update() builds it with the CDF tables, which must keep matching it.)
+CONSTANT_BUFFERS = (".bound", ".pedestal", "scale_bound", ".target")
 
 
 def load_state_dict_checked(model, state_dict, source="checkpoint"):

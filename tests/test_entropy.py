@@ -181,6 +181,17 @@ def test_coding_before_update_raises():
         model.decompress([b"\0" * 8], means, scales)
 
 
+def test_tables_that_do_not_match_the_scale_table_are_refused():
+    """The rANS coder indexes its CDFs by the scale table unchecked: a longer table (a damaged or mixed checkpoint)
+    is refused, not read past the end of the CDFs."""
+    model = updated(small_model())
+    gc = model.gaussian_conditional
+    gc.scale_table = torch.cat([gc.scale_table, gc.scale_table[-1:] * 2])
+    y, means, scales = latents()
+    with pytest.raises(RuntimeError, match=r"tables do not match: 64 CDFs, 64 lengths, 64 offsets for 65 scales"):
+        model.compress(y, means, scales)
+
+
 def test_damaged_or_mismatched_strings_raise_value_error():
     """Every damaged string raises ValueError (the decoder re-encodes what it read); none crashes the process."""
     model = updated(small_model())
