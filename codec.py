@@ -1,9 +1,11 @@
 """Compress an image to a ``.csm`` file and back with a trained CSM model.
 
-    python codec.py encode IN.png OUT.csm [--checkpoint C] [--cuda]
+    python codec.py encode IN.png OUT.csm [--checkpoint C] [--cuda] [--tile SIZE]
     python codec.py decode IN.csm OUT.png [--checkpoint C] [--cuda]
 
 Without ``--checkpoint`` the bundled ``checkpoints/csm-small.pth.tar`` is used. Outputs are written atomically.
+An image whose estimated peak memory exceeds what is available is coded in tiles (``utils/tiling.py``; a note says
+so, and a progress bar runs over the tiles); ``--tile SIZE`` forces tiles of that side, ``--tile 0`` forbids them.
 Problems with the input, the checkpoint or the machine end the run with one line ``error: ...`` on stderr and exit
 status 1. The file format is ``utils/bitstream.py``; the coding functions are ``utils/codec_io.py``.
 """
@@ -13,6 +15,7 @@ import logging
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from utils import bitstream
@@ -41,6 +44,13 @@ def parse_args(argv=None):
         sub.add_argument("--dump-y-hat", type=Path, default=None, metavar="NPY",
                          help="debugging: also write the decoded latent y_hat as a .npy file")
         if name == "encode":
+            sub.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                             help="code in tiles of SIZE x SIZE pixels (a multiple of 64), each with its own "
+                             "strings; 0: never tile (default: tiles of 512 only when the memory estimate exceeds "
+                             "the limit)")
+            sub.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                             help="pixels of context around each tile that the transforms see (a multiple of 16, "
+                             "at most the tile side; default: 64); the overlap costs time, not bits")
             sub.add_argument("--recon", type=Path, default=None, metavar="PNG",
                              help="also write the reconstruction (decoded from the file's bytes) as a PNG")
     args = parser.parse_args(argv)
@@ -48,6 +58,14 @@ def parse_args(argv=None):
         parser.error("--threads must be >= 1")
     if args.max_memory_gb is not None and args.max_memory_gb <= 0:
         parser.error("--max-memory-gb must be > 0")
+    if args.command == "encode":
+        if args.tile is not None and (args.tile < 0 or args.tile % 64):
+            parser.error(f"--tile must be 0 or a positive multiple of 64; got {args.tile}")
+        if args.tile_overlap is not None:
+            if args.tile == 0:
+                parser.error("--tile-overlap needs tiles (not --tile 0)")
+            if args.tile_overlap < 0 or args.tile_overlap % 16 or args.tile_overlap > (args.tile or 512):
+                parser.error(f"--tile-overlap must be a multiple of 16 from 0 to the tile side; got {args.tile_overlap}")
     return args
 
 
@@ -90,11 +108,18 @@ def encode(args):
     from utils.image import atomic_write, save_image
     from utils.metrics import bpp_from_strings, psnr_8bit
 
-    x, note = codec_io.read_image(args.input, model, args.max_memory_gb, device)
+    from utils.tiling import DEFAULT_OVERLAP
+
+    overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    x, note, (tile, overlap), tile_note = codec_io.read_image(args.input, model, args.max_memory_gb, device,
+                                                              args.tile, overlap)
     if note:
         print(f"note: {args.input}: {note}; the decoded PNG will be 8-bit RGB", file=sys.stderr)
+    if tile_note:
+        print(f"note: {args.input}: {tile_note}", file=sys.stderr)
     # The reconstruction is decoded from the file's bytes, as a decoder will see them.
-    compressed, data, x_hat, y_hat, encode_s, decode_s = codec_io.round_trip(model, x)
+    with tile_progress("encode, then decode to check") as progress:
+        compressed, data, x_hat, y_hat, encode_s, decode_s = codec_io.round_trip(model, x, tile, overlap, progress)
 
     with atomic_write(args.output) as tmp:
         tmp.write_bytes(data)
@@ -103,8 +128,9 @@ def encode(args):
     if args.dump_y_hat is not None:
         codec_io.save_array(y_hat, args.dump_y_hat)
     height, width = compressed.size
+    tiles = f", {len(compressed.tiles)} tiles of {compressed.tile} (overlap {compressed.overlap})" if tile else ""
     print(
-        f"{args.input} -> {args.output}: {width}x{height}, {len(data)} bytes, "
+        f"{args.input} -> {args.output}: {width}x{height}{tiles}, {len(data)} bytes, "
         f"{bpp_from_strings([data], height * width):.4f} bpp "
         f"(streams {bpp_from_strings(compressed.strings, height * width):.4f}), "
         f"PSNR {psnr_8bit(x, x_hat.cpu()).item():.2f} dB, encode {encode_s:.2f} s, decode {decode_s:.2f} s"
@@ -118,9 +144,11 @@ def decode(args):
     from utils.metrics import bpp_from_strings
 
     codec_io.check_compatible(model, compressed)
-    codec_io.check_memory(model, compressed.size, compressed.padded_size, args.max_memory_gb, device)
+    codec_io.check_memory(model, compressed.size, compressed.padded_size, args.max_memory_gb, device,
+                          compressed.tile, compressed.overlap)
     start = time.perf_counter()
-    x_hat, y_hat = codec_io.decode(model, compressed)
+    with tile_progress("decode") as progress:
+        x_hat, y_hat = codec_io.decode(model, compressed, progress)
     decode_s = time.perf_counter() - start
     save_image(x_hat, args.output)
     if args.dump_y_hat is not None:
@@ -131,6 +159,30 @@ def decode(args):
         f"{bpp_from_strings([bitstream.pack(compressed)], height * width):.4f} bpp "
         f"(streams {bpp_from_strings(compressed.strings, height * width):.4f}), decode {decode_s:.2f} s"
     )
+
+
+@contextmanager
+def tile_progress(description):
+    """A ``progress(done, total)`` hook that shows a bar over the tiles on stderr (only for images of 2+ tiles)."""
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if total < 2:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"{description}: tiles", unit="tile", file=sys.stderr, dynamic_ncols=True)
+        if done < bar.n:  # the next pass (decoding after encoding)
+            bar.reset(total)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def user_errors():

@@ -68,14 +68,16 @@ def main(argv=None):
     image = args.image or sample_image()
     try:
         model, _ = codec_io.load_model(args.checkpoint)
-        x = codec_io.read_image(image, model)[0]
+        x, _, (tile, overlap), tile_note = codec_io.read_image(image, model)
     except codec_io.USER_ERRORS as exc:
         sys.exit(f"error: {exc}")
     height, width = x.shape[-2:]
     pixels = height * width
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    _, data, x_hat, _, encode_s, decode_s = codec_io.round_trip(model, x)
+    if tile_note:
+        print(f"note: {tile_note}", file=sys.stderr)
+    _, data, x_hat, _, encode_s, decode_s = codec_io.round_trip(model, x, tile, overlap)
     (args.out_dir / "image.csm").write_bytes(data)
     save_image(x_hat, args.out_dir / "image_csm.png")
 

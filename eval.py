@@ -23,8 +23,11 @@ sys.path.insert(0, str(REPO))
 
 from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from layers.ss2d import SS2D  # noqa: E402
-from models import PAD_MULTIPLE, CheckpointError, architecture, load_checkpoint, pad_multiple  # noqa: E402
+from models import CSM, PAD_MULTIPLE, CheckpointError, architecture, load_checkpoint, pad_multiple  # noqa: E402
+from utils import codec_io  # noqa: E402
+from utils.bitstream import OVERLAP_MULTIPLE, TILE_MULTIPLE  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
+from utils.tiling import DEFAULT_OVERLAP, TiledCoder  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvaluationError,
     PeakMemory,
@@ -53,6 +56,22 @@ def pad_argument(text: str) -> int:
     return value
 
 
+def tile_argument(text: str) -> int:
+    """argparse type: 0 (never tile) or a positive multiple of the tile grid (64)."""
+    value = int(text)
+    if value < 0 or value % TILE_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"--tile must be 0 or a positive multiple of {TILE_MULTIPLE}, got {value}")
+    return value
+
+
+def overlap_argument(text: str) -> int:
+    """argparse type: a multiple of 16 (whole latent positions), >= 0."""
+    value = int(text)
+    if value < 0 or value % OVERLAP_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"--tile-overlap must be a multiple of {OVERLAP_MULTIPLE} >= 0, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
@@ -76,7 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="selective-scan backend (default: %(default)s, the fastest available)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images (sorted by name)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tile", type=tile_argument, default=None, metavar="SIZE",
+                        help="CSM models: code every image in tiles of SIZE x SIZE pixels (a multiple of 64; "
+                             "utils/tiling.py); 0: never tile (default: tiles of 512 for an image whose memory "
+                             "estimate exceeds the available memory, with a note)")
+    parser.add_argument("--tile-overlap", type=overlap_argument, default=DEFAULT_OVERLAP, metavar="PX",
+                        help="pixels of context around each tile (a multiple of 16; default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.tile and args.tile_overlap > args.tile:
+        parser.error(f"--tile-overlap {args.tile_overlap} exceeds the tile side {args.tile}")
+    return args
 
 
 def scan_backend_in_use(model, device: torch.device) -> str:
@@ -86,6 +114,26 @@ def scan_backend_in_use(model, device: torch.device) -> str:
     return resolve_backend(device, model.scan_backend)
 
 
+def tiling_plan(model, path: Path, device: torch.device, args):
+    """evaluate_model's ``coder_for``: per image, the model itself or a ``TiledCoder`` (``codec_io.plan_tiles``:
+    --tile, or tiles where the memory estimate exceeds the available memory); records get ``tile`` and
+    ``tile_overlap`` (0 untiled). None for models that cannot tile (CompressAI's), which refuse --tile > 0."""
+    if not isinstance(model, CSM):
+        if args.tile:
+            raise CheckpointError(f"{path}: tiled coding (--tile) needs a CSM model, not {model.preset}")
+        return None
+
+    def coder_for(size, padded_size):
+        tile, overlap, _, message = codec_io.plan_tiles(model, size, padded_size, args.tile, device=device,
+                                                        overlap=args.tile_overlap)
+        if message:
+            note(f"{path.name}: {message}")
+        coder = TiledCoder(model, tile, overlap) if tile else model
+        return coder, {"tile": tile, "tile_overlap": overlap}
+
+    return coder_for
+
+
 def evaluate_checkpoint(path: Path, images: list[Path], device: torch.device, args, recon_dir) -> dict:
     """One RD point {"checkpoint", "summary", "records"}; raises CheckpointError or EvaluationError."""
     model = load_checkpoint(path, map_location=device, scan_backend=args.scan_backend)
@@ -93,7 +141,8 @@ def evaluate_checkpoint(path: Path, images: list[Path], device: torch.device, ar
         raise CheckpointError(f"{path}: {model.preset} needs sides padded to a multiple of {pad_multiple(model)}, "
                               f"not of --pad {args.pad}")
     model.update(force=True)
-    records = evaluate_model(model, images, device, args.pad, args.estimate_only, recon_dir, label=path.name)
+    records = evaluate_model(model, images, device, args.pad, args.estimate_only, recon_dir, label=path.name,
+                             coder_for=tiling_plan(model, path, device, args))
     if not args.estimate_only and records[0]["round_trip"] is None:
         note(f"{path.name}: {model.preset} returns no y_hat from compress/decompress: latent round-trip check skipped "
              "(null in the JSON)")
@@ -161,6 +210,8 @@ def main(argv=None) -> None:
         "torch_threads": torch.get_num_threads(), "scan_backend_requested": args.scan_backend,
         "peak_memory": PeakMemory(device).description, "software": software_versions(),
         "code_version": code_version(REPO), "failed_checkpoints": failed,
+        "tiling": (f"--tile {args.tile}" if args.tile is not None else "tiles of 512 where the memory estimate "
+                   "exceeds the available memory") + f", --tile-overlap {args.tile_overlap} (see records' tile)",
         "command": shlex.join(["eval.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     document = results_document(points, name, description, args.estimate_only, meta)

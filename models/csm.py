@@ -231,20 +231,31 @@ class CSM(CompressionModel):
     def forward(self, x):
         self._check_input(x)
         y = self.g_a(x)
+        y_hat, likelihoods = self.forward_latent(y)
+        return {"x_hat": self.g_s(y_hat), "likelihoods": likelihoods}
+
+    def forward_latent(self, y):
+        """The entropy half of ``forward`` on a latent y (B, M, h, w), h and w multiples of 4:
+        ``(y_hat, {"y": y likelihoods, "z": z likelihoods})`` (tiled coding estimates rates with it)."""
         z = self.h_a(y)
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_offset = self.entropy_bottleneck._get_medians()
         z_hat = quantize_ste(z - z_offset) + z_offset
         latent_means, latent_scales = self._hyper_params(z_hat)
         y_hat, y_likelihoods = self.entropy_model(y, latent_means, latent_scales)
-        x_hat = self.g_s(y_hat)
-        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
 
     @torch.no_grad()
     def compress(self, x):
         self._check_input(x)
         self._check_updated()
-        y = self.g_a(x)
+        return self.compress_latent(self.g_a(x))
+
+    @torch.no_grad()
+    def compress_latent(self, y):
+        """Entropy-code a latent y (B, M, h, w), h and w multiples of 4 (``compress`` without ``g_a``):
+        ``{"strings": [y_strings, z_strings], "shape": z's (h, w), "y_hat"}``."""
+        self._check_updated()
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -256,6 +267,13 @@ class CSM(CompressionModel):
 
     @torch.no_grad()
     def decompress(self, strings, shape):
+        y_hat = self.decompress_latent(strings, shape)
+        x_hat = self.g_s(y_hat).clamp_(0, 1)
+        return {"x_hat": x_hat, "y_hat": y_hat}
+
+    @torch.no_grad()
+    def decompress_latent(self, strings, shape):
+        """The latent y_hat of ``compress_latent``'s strings and z shape (``decompress`` without ``g_s``)."""
         self._check_updated()
         if len(strings) != 2 or len(strings[0]) != len(strings[1]):
             raise ValueError("strings must be [y_strings, z_strings] with one string per image in each")
@@ -263,6 +281,4 @@ class CSM(CompressionModel):
         h_mean_s, h_scale_s, entropy_model, cast = self._coding_path()
         device, dtype = z_hat.device, z_hat.dtype
         z_hat = cast(z_hat)
-        y_hat = entropy_model.decompress(strings[0], h_mean_s(z_hat), h_scale_s(z_hat)).to(device, dtype)
-        x_hat = self.g_s(y_hat).clamp_(0, 1)
-        return {"x_hat": x_hat, "y_hat": y_hat}
+        return entropy_model.decompress(strings[0], h_mean_s(z_hat), h_scale_s(z_hat)).to(device, dtype)

@@ -109,3 +109,21 @@ def test_bench_train_takes_turns_with_a_baseline_checkout(tmp_path, capsys):
     assert result["baseline"]["step_seconds_per_round"] == [4.0, 4.0] and result["baseline"]["peak_rss_gib"] > 0
     assert len(result["step_seconds_per_round"]) == 2 and result["amp"] == "none"
     assert result["time_ratio"] == round(result["step_seconds_median"] / 4.0, 3)
+
+
+def test_bench_codec_large_round_trips_a_tiled_image_through_the_cli(tmp_path, capsys):
+    """A small synthetic image in tiles of 64 with the bundled model: codec.py encode and decode in their own
+    processes, peak RSS and seconds per megapixel, equal latents, and the tiling the file records."""
+    from scripts import bench_codec_large
+
+    out = tmp_path / "large.json"
+    assert bench_codec_large.main(["--models", "bundled", "--size", "200", "130", "--synthetic", "--tile", "64",
+                                   "--threads", "1", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    result = report["models"]["bundled"]
+    assert report["megapixels"] == 0.026 and "smooth random image 200x130" in report["image"]
+    assert result["latents_equal"] is True and (result["tile"], result["tile_overlap"], result["tiles"]) == (64, 64, 12)
+    for step in ("encode", "decode"):
+        assert result[step]["peak_rss_mb"] > 100 and result[step]["seconds_per_mp"] > 0
+    assert 0 < result["bpp"] < 24 and 5 < result["psnr"] < 60

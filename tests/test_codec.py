@@ -118,9 +118,9 @@ def test_pack_unpack_round_trip_and_layout(coded):
     assert data[:4] == b"\x89CSM" and data[4] == bitstream.VERSION and data[5] == codec_io.DETERMINISTIC_MODE
     assert struct.unpack(">HH", data[22:26]) == (24, 40)
     assert tuple(data[26:30]) == compressed.padding == (12, 12, 20, 20)
-    assert struct.unpack(">HHB", data[30:35]) == (1, 1, 2)
-    y_len, z_len = struct.unpack(">II", data[35:43])
-    assert data[43 : 43 + y_len] == compressed.strings[0] and len(data) == 43 + y_len + z_len + 4
+    assert struct.unpack(">HHHHI", data[30:42]) == (1, 1, 0, 0, 2)  # z shape, no tiles, 2 strings
+    y_len, z_len = struct.unpack(">II", data[42:50])
+    assert data[50 : 50 + y_len] == compressed.strings[0] and len(data) == 50 + y_len + z_len + 4
     assert struct.unpack(">I", data[-4:])[0] == zlib.crc32(data[:-4])
 
 
@@ -157,7 +157,7 @@ def test_values_the_format_cannot_hold_are_refused():
     [((63, 65), (31, 32, 0, 1), (1, 3)), ((63, 65), (32, 31, 0, 1), (1, 2)), ((64, 64), (0, 0, 0, 0), (2, 1))],
 )
 def test_inconsistent_geometry_is_refused(size, padding, z_shape):
-    CompressedImage(1, bytes(16), (63, 65), (31, 32, 0, 1), (1, 2), ()).check_geometry(64)  # pad_center's
+    CompressedImage(1, bytes(16), (63, 65), (31, 32, 0, 1), (1, 2), (b"y", b"z")).check_geometry(64)  # pad_center's
     image = CompressedImage(1, bytes(16), size, padding, z_shape, (b"y" * 8, b"z" * 8))
     with pytest.raises(BitstreamError, match="inconsistent header"):
         image.check_geometry(64)
@@ -192,9 +192,11 @@ def test_memory_estimate_grows_with_the_image_and_refuses(model):
     large = codec_io.estimate_peak_memory(model, (4096, 4096))
     assert small < large
     assert codec_io.check_memory(model, (60, 60), (64, 64)) == small  # fits this machine
-    with pytest.raises(codec_io.CodecError, match=r"needs about .* GB at peak, over the limit of 0\.0 GB "
-                       r"\(--max-memory-gb\); tiled coding is not implemented"):
+    with pytest.raises(codec_io.CodecError, match=r"needs about .* GB at peak untiled, over the limit of 0\.0 GB "
+                       r"\(--max-memory-gb\)"):
         codec_io.check_memory(model, (60, 60), (64, 64), max_memory_gb=0.001)
+    tiled = codec_io.estimate_peak_memory(model, (4096, 4096), tile=512, overlap=64)
+    assert tiled < large and tiled > codec_io.estimate_peak_memory(model, (640, 640))
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -264,7 +266,8 @@ def _thin(path):
     ],
 )
 def test_every_kind_of_input_codes_and_crops_back(model, tmp_path, make, size, note):
-    x, got_note = codec_io.read_image(make(tmp_path), model)
+    x, got_note, tiling, _ = codec_io.read_image(make(tmp_path), model)
+    assert tiling == (0, 0)  # small enough: untiled
     assert tuple(x.shape) == (1, 3, *size)
     assert got_note == note or note in got_note
     if make is _gray:
@@ -297,7 +300,7 @@ def _with_crc(data):
 def test_damaged_streams_with_a_valid_crc_are_refused(model, coded):
     data, compressed, _ = coded
     y_len = len(compressed.strings[0])
-    for offset, what in ((43 + 9, "corrupt y stream"), (43 + y_len + 5, "corrupt z stream")):
+    for offset, what in ((50 + 9, "corrupt y stream"), (50 + y_len + 5, "corrupt z stream")):
         damaged = bytearray(data)
         damaged[offset] ^= 0x10
         with pytest.raises(codec_io.CodecError, match=what):
@@ -389,8 +392,8 @@ def test_cli_refuses_an_image_too_large_for_memory(checkpoints, tmp_path):
     """60000 x 60000 (a header-only PNG): refused from its header, before any pixel is decoded."""
     source = png_header_only(tmp_path / "huge.png", 60000, 60000)
     result = run_codec("encode", source, tmp_path / "huge.csm", "--checkpoint", checkpoints[0], "--threads", 1)
-    assert_one_line_error(result, "image 60000x60000 (padded 60032x60032) needs about", "over the limit of",
-                          "tiled coding is not implemented", "--max-memory-gb")
+    assert_one_line_error(result, "image 60000x60000 (padded 60032x60032) needs about", "even in 64x64 tiles",
+                          "over the limit of", "--max-memory-gb")
     assert not (tmp_path / "huge.csm").exists()
 
 
@@ -406,8 +409,8 @@ def _codec_process(threads, jobs):
 
 @pytest.mark.skipif(not (KODAK / "kodim04.png").exists(), reason="Kodak images not available")
 def test_decoded_latents_are_identical_across_processes_threads_and_backends(checkpoints, scan_backends, tmp_path):
-    """Encode 4 Kodak crops with 2 threads (compiled CPU scan), decode in a fresh process with 1 thread and the
-    PyTorch scan: y_hat is identical bit for bit; the pictures agree to within one 8-bit level."""
+    """Encode 4 Kodak crops with 2 threads (compiled CPU scan), two of them in tiles, decode in a fresh process with
+    1 thread and the PyTorch scan: y_hat is identical bit for bit; the pictures agree to within one 8-bit level."""
     encoder_backend, decoder_backend = scan_backends
     names = [f"kodim0{i}" for i in range(1, 5)]
     encode_jobs, decode_jobs = [], []
@@ -415,7 +418,8 @@ def test_decoded_latents_are_identical_across_processes_threads_and_backends(che
         Image.open(KODAK / f"{name}.png").convert("RGB").crop((128, 64, 384, 320)).save(tmp_path / f"{name}.png")
         encode_jobs.append(["encode", str(tmp_path / f"{name}.png"), str(tmp_path / f"{name}.csm"), "--checkpoint",
                             str(checkpoints[0]), "--scan-backend", encoder_backend, "--recon",
-                            str(tmp_path / f"{name}.recon.png"), "--dump-y-hat", str(tmp_path / f"{name}.enc.npy")])
+                            str(tmp_path / f"{name}.recon.png"), "--dump-y-hat", str(tmp_path / f"{name}.enc.npy"),
+                            *(["--tile", "128", "--tile-overlap", "32"] if name in names[2:] else [])])
         decode_jobs.append(["decode", str(tmp_path / f"{name}.csm"), str(tmp_path / f"{name}.out.png"),
                             "--checkpoint", str(checkpoints[0]), "--scan-backend", decoder_backend,
                             "--dump-y-hat", str(tmp_path / f"{name}.dec.npy")])

@@ -23,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 
 from layers.scan import ScanBackendError, resolve_backend
 from models import CSM, PAD_MULTIPLE, CheckpointError, load_checkpoint
-from utils.bitstream import MAX_SIDE, MODEL_ID_BYTES, CompressedImage, pack, unpack
+from utils.bitstream import MAX_SIDE, MIN_TILE, MODEL_ID_BYTES, TILE_MULTIPLE, CompressedImage, pack, unpack
 from utils.image import ImageReadError, atomic_write, crop_center, load_image_with_note, pad_center
+from utils.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TiledCoder
 
 # The coding modes a file can name (its header's mode byte): how the decoder computes the entropy parameters.
 DETERMINISTIC_MODE = 1
@@ -88,28 +89,37 @@ def model_id(model):
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
-def estimate_peak_memory(model, padded_size):
+def estimate_peak_memory(model, padded_size, tile=0, overlap=0):
     """Estimated growth of memory, in bytes, while encoding or decoding a ``padded_size`` = (H, W) image
-    (multiples of 64) with a loaded model, i.e. what must still be available.
+    (multiples of 64) with a loaded model, i.e. what must still be available; in tiles of side ``tile`` with
+    ``overlap`` pixels of context (``utils.tiling``) when ``tile`` > 0.
 
     Two phases, the larger counts: the transforms, whose widest activation is 2N channels at H/2 x W/2 (float32),
     times a factor of the scan backend that runs them; the deterministic entropy path, whose float64 reference
     scan expands B and C per channel, 2 x directions x d_inner x d_state x positions (the context blocks:
     ssm_ratio x context_dim channels at H/16 x W/16; h_s: at most ssm_ratio x 2N at H/32 x W/32), plus the rANS
-    coder's lists of every y symbol. Images, the float64 weight copies and a margin come on top.
+    coder's lists of every y symbol. Tiled, the transforms run on one tile's window at a time and the entropy path
+    on one tile; the images and the whole latent stay in memory. Images, the float64 weight copies and a margin
+    come on top.
     """
     cfg = model.config
     height, width = padded_size
+    if tile:
+        window_h, window_w = min(tile + 2 * overlap, height), min(tile + 2 * overlap, width)  # an inner tile's
+        coded_h, coded_w = min(tile, height), min(tile, width)
+    else:
+        window_h, window_w, coded_h, coded_w = height, width, height, width
     device = next(model.parameters()).device
-    activation = 2 * cfg.N * (height // 2) * (width // 2) * 4
+    activation = 2 * cfg.N * (window_h // 2) * (window_w // 2) * 4
     transforms = _ACTIVATION_FACTOR.get(resolve_backend(device, model.scan_backend), 400) * activation
-    positions = (height // 16) * (width // 16)
+    positions = (coded_h // 16) * (coded_w // 16)
     scanned = max(cfg.context_dim * positions, 2 * cfg.N * positions // 4)  # channels x positions
     scan = 2 * cfg.scan_directions * int(cfg.ssm_ratio * scanned) * cfg.d_state * 8
     entropy = _SCAN_FACTOR * scan + _SYMBOL_BYTES * cfg.M * positions
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     images = 8 * 3 * height * width * 4  # input, padded input, reconstruction, crops, 8-bit copies
-    return max(transforms, entropy) + images + _WEIGHT_COPIES * weights + _MARGIN_BYTES
+    latents = 3 * cfg.M * (height // 16) * (width // 16) * 4 if tile else 0  # y, y_hat and the decoder's y_hat
+    return max(transforms, entropy) + images + latents + _WEIGHT_COPIES * weights + _MARGIN_BYTES
 
 
 def available_memory():
@@ -128,25 +138,78 @@ def available_memory():
     return psutil.virtual_memory().available, "psutil.virtual_memory().available"
 
 
-def check_memory(model, image_size, padded_size, max_memory_gb=None, device="cpu"):
-    """Raise ``CodecError`` when coding an image would need more memory than the limit: ``max_memory_gb`` if
-    given, else the available memory (and, on CUDA, also the free GPU memory: the estimate is compared with both,
-    a cautious simplification). Returns the estimate in bytes."""
-    estimate = estimate_peak_memory(model, padded_size)
+def memory_limits(max_memory_gb=None, device="cpu"):
+    """[(bytes, source)] that coding must stay under: ``max_memory_gb`` if given, else the available memory (and,
+    on CUDA, also the free GPU memory: the estimate is compared with both, a cautious simplification)."""
     if max_memory_gb is not None:
-        limits = [(max_memory_gb * 2**30, "--max-memory-gb")]
-    else:
-        limit, source = available_memory()
-        limits = [] if limit is None else [(limit, source)]
-        if torch.device(device).type == "cuda":
-            limits.append((torch.cuda.mem_get_info(device)[0], "free GPU memory"))
-    for limit, source in limits:
+        return [(max_memory_gb * 2**30, "--max-memory-gb")]
+    limit, source = available_memory()
+    limits = [] if limit is None else [(limit, source)]
+    if torch.device(device).type == "cuda":
+        limits.append((torch.cuda.mem_get_info(device)[0], "free GPU memory"))
+    return limits
+
+
+def plan_tiles(model, image_size, padded_size, tile=None, max_memory_gb=None, device="cpu",
+               overlap=DEFAULT_OVERLAP):
+    """Decide how to code an image: returns ``(tile, overlap, estimate in bytes, note or None)``, tile 0 for
+    untiled coding.
+
+    ``tile`` None (automatic): untiled when the estimate fits the memory limit, else tiles of ``DEFAULT_TILE``
+    (halved until they fit, down to 64), with a note that says so. ``tile`` 0: untiled, never tiles. ``tile`` T:
+    tiles of T (tiling an image no larger than T changes nothing but the format's tile fields). Raises
+    ``CodecError`` when nothing allowed fits.
+    """
+    limits = memory_limits(max_memory_gb, device)
+    limit, source = min(limits, default=(float("inf"), None))
+
+    def fits(t):
+        estimate = estimate_peak_memory(model, padded_size, t, overlap if t else 0)
+        return estimate <= limit, estimate
+
+    (h, w), (ph, pw) = image_size, padded_size
+    untiled_ok, untiled = fits(0)
+    if tile is None:
+        if untiled_ok:
+            return 0, 0, untiled, None
+        candidate = DEFAULT_TILE
+        while candidate >= max(MIN_TILE, overlap):
+            ok, estimate = fits(candidate)
+            if ok:
+                note = (f"image {w}x{h} needs about {untiled / 2**30:.1f} GB untiled, over the limit of "
+                        f"{limit / 2**30:.1f} GB ({source}): coding it in {candidate}x{candidate} tiles (about "
+                        f"{estimate / 2**30:.1f} GB; --tile SIZE to choose, --tile 0 to forbid)")
+                return candidate, overlap, estimate, note
+            candidate = candidate // 2 // TILE_MULTIPLE * TILE_MULTIPLE
+        raise CodecError(
+            f"image {w}x{h} (padded {pw}x{ph}) needs about {fits(MIN_TILE)[1] / 2**30:.1f} GB at peak even in "
+            f"{MIN_TILE}x{MIN_TILE} tiles, over the limit of {limit / 2**30:.1f} GB ({source}): use a smaller image, "
+            "or raise the limit with --max-memory-gb if the estimate is too cautious"
+        )
+    ok, estimate = fits(tile)
+    if not ok:
+        how = "untiled (--tile 0)" if tile == 0 else f"in {tile}x{tile} tiles"
+        hint = "allow tiles (drop --tile 0)" if tile == 0 else "use smaller tiles (--tile)"
+        raise CodecError(
+            f"image {w}x{h} (padded {pw}x{ph}) needs about {estimate / 2**30:.1f} GB at peak {how}, over the limit "
+            f"of {limit / 2**30:.1f} GB ({source}): {hint}, or raise the limit with --max-memory-gb if the "
+            "estimate is too cautious"
+        )
+    return tile, overlap if tile else 0, estimate, None
+
+
+def check_memory(model, image_size, padded_size, max_memory_gb=None, device="cpu", tile=0, overlap=0):
+    """Raise ``CodecError`` when coding an image (untiled, or in the given tiles) would need more memory than the
+    limit (``memory_limits``). Returns the estimate in bytes."""
+    estimate = estimate_peak_memory(model, padded_size, tile, overlap)
+    for limit, source in memory_limits(max_memory_gb, device):
         if estimate > limit:
             (h, w), (ph, pw) = image_size, padded_size
+            how = f"in {tile}x{tile} tiles" if tile else "untiled"
             raise CodecError(
-                f"image {w}x{h} (padded {pw}x{ph}) needs about {estimate / 2**30:.1f} GB at peak, over the limit of "
-                f"{limit / 2**30:.1f} GB ({source}); tiled coding is not implemented: use a smaller image, or "
-                "raise the limit with --max-memory-gb if the estimate is too cautious"
+                f"image {w}x{h} (padded {pw}x{ph}) needs about {estimate / 2**30:.1f} GB at peak {how}, over the "
+                f"limit of {limit / 2**30:.1f} GB ({source}): raise the limit with --max-memory-gb if the estimate "
+                "is too cautious"
             )
     return estimate
 
@@ -180,21 +243,25 @@ def probe_image_size(path):
     return height, width
 
 
-def read_image(path, model, max_memory_gb=None, device="cpu"):
-    """Check an image file's size against the format's limits and the memory, then read it as 8-bit RGB.
+def read_image(path, model, max_memory_gb=None, device="cpu", tile=None, overlap=DEFAULT_OVERLAP):
+    """Check an image file's size against the format's limits and the memory, choose tiles (``plan_tiles``), then
+    read it as 8-bit RGB.
 
-    Returns ``((1, 3, H, W) float32 in [0, 1], note on the conversion or None)``; see ``load_image_with_note``.
-    The checks read the header only, so an image too large for the machine is refused before its pixels are
-    decoded; they hold whatever the EXIF orientation (the limits and the estimate are symmetric in H and W).
+    Returns ``((1, 3, H, W) float32 in [0, 1], note on the conversion or None, (tile, overlap), note on tiling or
+    None)``; see ``load_image_with_note``. The checks read the header only, so an image too large for the machine
+    is refused before its pixels are decoded; they hold whatever the EXIF orientation (the limits and the estimate
+    are symmetric in H and W).
     """
     size = probe_image_size(path)
     check_side_limits(size)
-    check_memory(model, size, tuple(s + (-s) % PAD_MULTIPLE for s in size), max_memory_gb, device)
+    padded = tuple(s + (-s) % PAD_MULTIPLE for s in size)
+    tile, overlap, _, tile_note = plan_tiles(model, size, padded, tile, max_memory_gb, device, overlap)
     try:
         with _no_pixel_limit():
-            return load_image_with_note(path)
+            x, note = load_image_with_note(path)
     except ImageReadError as exc:
         raise CodecError(" ".join(str(exc).split())) from None
+    return x, note, (tile, overlap), tile_note
 
 
 def check_side_limits(size):
@@ -205,21 +272,32 @@ def check_side_limits(size):
 
 
 # --- coding ---------------------------------------------------------------------------------------------------
-def encode(model, x):
+def encode(model, x, tile=0, overlap=DEFAULT_OVERLAP, progress=None):
     """Compress x (1, 3, H, W) in [0, 1]: returns ``(CompressedImage, y_hat)``; x is padded to a multiple of 64
-    (``pad_center``) and the padding recorded, so ``decode`` crops back to H x W."""
+    (``pad_center``) and the padding recorded, so ``decode`` crops back to H x W. ``tile`` > 0 codes it in tiles of
+    that side with ``overlap`` pixels of context (``utils.tiling``); ``progress(done, total)`` after each tile."""
     check_side_limits(x.shape[-2:])
+    overlap = overlap if tile else 0
     device = next(model.parameters()).device
     x_padded, padding = pad_center(x, PAD_MULTIPLE)
-    out = model.compress(x_padded.to(device))
-    (y_string,), (z_string,) = out["strings"]
+    x_padded = x_padded.to(device)
+    if tile:
+        out = TiledCoder(model, tile, overlap, progress).compress(x_padded)
+        strings = tuple(s for pair in zip(*out["strings"]) for s in pair)  # y, z of each tile in turn
+        z_shape = tuple(s // PAD_MULTIPLE for s in x_padded.shape[-2:])
+    else:
+        out = model.compress(x_padded)
+        (y_string,), (z_string,) = out["strings"]
+        strings, z_shape = (y_string, z_string), tuple(out["shape"])
     compressed = CompressedImage(
         mode=DETERMINISTIC_MODE,
         model_id=model_id(model),
         size=tuple(x.shape[-2:]),
         padding=tuple(padding),
-        z_shape=tuple(out["shape"]),
-        strings=(y_string, z_string),
+        z_shape=z_shape,
+        strings=strings,
+        tile=tile,
+        overlap=overlap,
     )
     return compressed, out["y_hat"]
 
@@ -234,9 +312,7 @@ def check_compatible(model, compressed):
             f"the file was encoded with model {compressed.model_id.hex()}, the checkpoint is model {own.hex()}: "
             "decode with the checkpoint that encoded it"
         )
-    compressed.check_geometry(PAD_MULTIPLE)
-    if len(compressed.strings) != 2:
-        raise CodecError(f"corrupt file: {len(compressed.strings)} strings, expected 2 (y, z)")
+    compressed.check_geometry(PAD_MULTIPLE)  # two strings per tile
 
 
 def _check_z_string(model, z_string, z_shape):
@@ -258,13 +334,20 @@ def _check_z_string(model, z_string, z_shape):
         raise CodecError("corrupt z stream: its decoded symbols do not re-encode to it")
 
 
-def decode(model, compressed):
-    """Decompress a checked ``CompressedImage``: returns ``(x_hat (1, 3, H, W) in [0, 1], y_hat)``."""
+def decode(model, compressed, progress=None):
+    """Decompress a checked ``CompressedImage``: returns ``(x_hat (1, 3, H, W) in [0, 1], y_hat)``;
+    ``progress(done, total)`` after each tile of a tiled file."""
     check_compatible(model, compressed)
-    y_string, z_string = compressed.strings
-    _check_z_string(model, z_string, compressed.z_shape)
+    tiles = compressed.tiles
+    y_strings, z_strings = compressed.strings[0::2], compressed.strings[1::2]
+    for (_, _, height, width), z_string in zip(tiles, z_strings):
+        _check_z_string(model, z_string, (height // PAD_MULTIPLE, width // PAD_MULTIPLE))
     try:
-        out = model.decompress([[y_string], [z_string]], compressed.z_shape)
+        if compressed.tile:
+            coder = TiledCoder(model, compressed.tile, compressed.overlap, progress)
+            out = coder.decompress([list(y_strings), list(z_strings)], compressed.padded_size)
+        else:
+            out = model.decompress([list(y_strings), list(z_strings)], compressed.z_shape)
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise CodecError(f"corrupt y stream: {' '.join(str(exc).split())}") from None
     return crop_center(out["x_hat"], compressed.padding), out["y_hat"]
@@ -279,14 +362,15 @@ class RoundTrip(NamedTuple):
     decode_s: float  # unpack + decompress
 
 
-def round_trip(model, x):
-    """Encode x to the file's bytes and decode those bytes, as a decoder will see them, timing both halves.
-    Raises ``CodecError`` if decoding the file does not reproduce the encoder's latents."""
+def round_trip(model, x, tile=0, overlap=DEFAULT_OVERLAP, progress=None):
+    """Encode x to the file's bytes and decode those bytes, as a decoder will see them, timing both halves
+    (``encode``'s tiling arguments). Raises ``CodecError`` if decoding the file does not reproduce the encoder's
+    latents."""
     start = time.perf_counter()
-    compressed, y_hat = encode(model, x)
+    compressed, y_hat = encode(model, x, tile, overlap, progress)
     data = pack(compressed)
     middle = time.perf_counter()
-    x_hat, y_hat_decoded = decode(model, unpack(data))
+    x_hat, y_hat_decoded = decode(model, unpack(data), progress)
     decode_s = time.perf_counter() - middle
     if not torch.equal(y_hat_decoded, y_hat):
         raise CodecError("internal error: decoding the file does not reproduce the encoder's latents")

@@ -262,12 +262,14 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 
 def evaluate_model(model, paths: list[Path], device: torch.device, pad: int = 64, estimate_only: bool = False,
-                   recon_dir=None, label: str = "eval") -> list[dict]:
+                   recon_dir=None, label: str = "eval", coder_for=None) -> list[dict]:
     """Measure `model` on every image of `paths` (readable, see `check_images`): one record per image, in order.
 
     The first image is run once untimed before the timed runs (warm-up: kernels, caches, allocator). A round-trip
     mismatch is warned about (naming the image) and kept in the records, never dropped. Any error of the model on
     an image raises EvaluationError naming the image, so that every RD point averages over the same images.
+    ``coder_for(size, padded_size)``, if given, returns ``(coder, fields)`` per image: what codes it (the model,
+    or e.g. a tiled coder with the same interface) and fields added to its record.
     """
     model.eval()
     memory = PeakMemory(device)
@@ -275,8 +277,11 @@ def evaluate_model(model, paths: list[Path], device: torch.device, pad: int = 64
 
     def run(path, save):
         x = load_image_with_note(path)[0].to(device)
+        size = tuple(x.shape[-2:])
         try:
-            record, x_hat = measure_image(model, x, pad, memory, estimate_only)
+            coder, fields = (model, {}) if coder_for is None else coder_for(size, tuple(s + (-s) % pad for s in size))
+            record, x_hat = measure_image(coder, x, pad, memory, estimate_only)
+            record.update(fields)
         except Exception as err:  # OOM, backend errors...: reported per checkpoint by the caller
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise EvaluationError(f"{path.name}: {type(err).__name__}: {first}") from err
