@@ -1,6 +1,8 @@
 """Assembled models: ``CSM`` from a ``CSMConfig``, the preset registry (and CompressAI's architectures by name), and
 checkpoint save/load."""
 
+import layers  # noqa: F401  (CompressAI without PyTorch Geometric, before anything imports it)
+
 from .checkpoint import (CheckpointError, checkpoint_arch, load_checkpoint, read_checkpoint, save_checkpoint,
                          unwrap_model)
 from .config import CSMConfig
