@@ -127,3 +127,24 @@ def test_bench_codec_large_round_trips_a_tiled_image_through_the_cli(tmp_path, c
     for step in ("encode", "decode"):
         assert result[step]["peak_rss_mb"] > 100 and result[step]["seconds_per_mp"] > 0
     assert 0 < result["bpp"] < 24 and 5 < result["psnr"] < 60
+
+
+def test_tiling_seams_pools_errors_near_the_tile_boundaries(tmp_path, capsys):
+    from models import save_checkpoint
+    from scripts import tiling_seams
+
+    torch.manual_seed(0)
+    model = build_model("csm-small", **tiny_overrides("csm-small"))
+    checkpoint = save_checkpoint(tmp_path / "tiny.pth.tar", model)
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 600, 3), dtype=np.uint8)).save(data / "a.png")
+    masks = tiling_seams.seam_masks((320, 640), (20, 20, 10, 10), 8)
+    assert tuple(masks["512"].shape) == (300, 600) and masks["512"].sum() == 16 * 300 and masks["256"].sum() == 16 * 300 + 16 * 600 - 16 * 16  # x = 256 and y = 256
+    out = tmp_path / "seams.json"
+    assert tiling_seams.main(["--checkpoint", str(checkpoint), "--data", str(data), "--configs", "0:0", "256:32",
+                              "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report and report["images"] == 1
+    for config in ("0:0", "256:32"):
+        assert all(5 < value < 60 for value in report["psnr_db"][config].values())
