@@ -32,6 +32,8 @@ MODELS = {
 STEPS_PER_EPOCH = 25  # 200 BSDS500 training images, batch 8: one epoch
 # The recipe: Adam at 5e-4 (a short budget), x0.1 at 80 % and 93 % of the steps; 128x128 crops, batch 8,
 # validation (100 centre crops) every 10 epochs; the seed fixes initialisation, crops, order and noise.
+# Learning rate measured on csm-small (this recipe, 500 steps): validation loss 9.14 (20.59 dB, 0.340 bpp) at 5e-4
+# against 11.04 (19.70 dB, 0.352 bpp) at 2e-4, the bundled model's rate; 2e-4 led only in the first 100 steps.
 RECIPE = ["--patch-size", "128", "128", "--batch-size", "8", "--test-batch-size", "8", "-lr", "5e-4",
           "--seed", "0", "--val-every", "10", "--save-every-steps", "250", "--snapshot-every", "0", "--log-every", "50",
           "--no-progress"]
