@@ -181,8 +181,18 @@ def atomic_write(path: str | os.PathLike):
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Round a float tensor in [0, 1] (any shape) to the 8-bit grid: uint8 values 0..255, same shape."""
-    return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    """Round a float tensor in [0, 1] (any shape) to the 8-bit grid: uint8 values 0..255, same shape.
+
+    Large tensors (over 2**22 elements) go through blocks of rows into the output, so that the float temporaries
+    stay small; the values are the same."""
+    x = x.detach()
+    if x.numel() <= 1 << 22 or x.dim() < 2:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    rows = max(1, (1 << 22) // (x.numel() // x.shape[-2]))
+    for top in range(0, x.shape[-2], rows):
+        out[..., top : top + rows, :] = (x[..., top : top + rows, :].clamp(0, 1) * 255).round()
+    return out
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

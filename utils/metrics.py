@@ -15,9 +15,21 @@ from utils.image import to_uint8
 MS_SSIM_MIN_SIDE = 161
 
 
+# Above this many elements per image, mse() works through blocks of rows, so that its float64 temporaries stay
+# small (a 12-megapixel image would otherwise take about 1 GB of them).
+BLOCK_ELEMENTS = 1 << 22
+
+
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each image of two BxCxHxW tensors, accumulated in float64: shape (B,)."""
-    return (a.to(torch.float64) - b.to(torch.float64)).pow(2).flatten(1).mean(dim=1)
+    if a[0].numel() <= BLOCK_ELEMENTS:
+        return (a.to(torch.float64) - b.to(torch.float64)).pow(2).flatten(1).mean(dim=1)
+    rows = max(1, BLOCK_ELEMENTS // (a[0].numel() // a.shape[-2]))
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for top in range(0, a.shape[-2], rows):
+        block = a[..., top : top + rows, :].to(torch.float64) - b[..., top : top + rows, :].to(torch.float64)
+        total += block.pow_(2).flatten(1).sum(dim=1)
+    return total / a[0].numel()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
