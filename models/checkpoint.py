@@ -80,6 +80,9 @@ def save_checkpoint(path, model, lmbda=None, weights_dtype=None, **extra):
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a plain file's permissions, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -182,6 +182,24 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_atomic_write_gives_a_plain_file_s_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "out.png") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
+
+
+def test_large_tensors_round_to_uint8_in_blocks_with_the_same_values():
+    x = torch.rand(1, 3, 1100, 1400, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    assert x.numel() > 1 << 22
+    assert torch.equal(to_uint8(x), (x.clamp(0, 1) * 255).round().to(torch.uint8))
+
+
 def test_to_uint8_clamps_and_rounds():
     x = torch.tensor([-0.1, 0.0, 1 / 255, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.2])
     y = to_uint8(x)

@@ -88,3 +88,13 @@ def test_bpp_from_likelihoods_known_value_and_gradient():
     assert bpp.item() == pytest.approx(2.5)
     bpp.backward()
     torch.testing.assert_close(y.grad, torch.full_like(y, -1 / (0.5 * math.log(2) * 16)))
+
+
+def test_mse_of_large_images_works_through_blocks_to_the_same_value():
+    from utils import metrics
+
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 3, 1100, 1400, generator=generator), torch.rand(2, 3, 1100, 1400, generator=generator)
+    assert a[0].numel() > metrics.BLOCK_ELEMENTS
+    whole = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(metrics.mse(a, b), whole, rtol=1e-12, atol=0)

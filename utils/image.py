@@ -166,7 +166,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step, on error it is removed.
 
-    Readers never see a half-written file, and an interrupted run leaves the previous version in place.
+    Readers never see a half-written file, and an interrupted run leaves the previous version in place. The file
+    gets the permissions of a plainly created one (0666 less the umask), not mkstemp's owner-only 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +175,18 @@ def atomic_write(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
