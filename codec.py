@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from utils import bitstream
+from utils.cli import overlap_argument, overlap_problem, tile_argument
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "csm-small.pth.tar"
 SCAN_BACKENDS = ("auto", "cpu", "torch", "cuda", "ref")  # layers.scan.BACKENDS, which would import torch
@@ -44,11 +45,11 @@ def parse_args(argv=None):
         sub.add_argument("--dump-y-hat", type=Path, default=None, metavar="NPY",
                          help="debugging: also write the decoded latent y_hat as a .npy file")
         if name == "encode":
-            sub.add_argument("--tile", type=int, default=None, metavar="SIZE",
+            sub.add_argument("--tile", type=tile_argument, default=None, metavar="SIZE",
                              help="code in tiles of SIZE x SIZE pixels (a multiple of 64), each with its own "
                              "strings; 0: never tile (default: tiles of 512 only when the memory estimate exceeds "
                              "the limit)")
-            sub.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+            sub.add_argument("--tile-overlap", type=overlap_argument, default=None, metavar="PX",
                              help="pixels of context around each tile that the transforms see (a multiple of 16, "
                              "at most the tile side; default: 64); the overlap costs time, not bits")
             sub.add_argument("--recon", type=Path, default=None, metavar="PNG",
@@ -58,14 +59,11 @@ def parse_args(argv=None):
         parser.error("--threads must be >= 1")
     if args.max_memory_gb is not None and args.max_memory_gb <= 0:
         parser.error("--max-memory-gb must be > 0")
-    if args.command == "encode":
-        if args.tile is not None and (args.tile < 0 or args.tile % 64):
-            parser.error(f"--tile must be 0 or a positive multiple of 64; got {args.tile}")
-        if args.tile_overlap is not None:
-            if args.tile == 0:
-                parser.error("--tile-overlap needs tiles (not --tile 0)")
-            if args.tile_overlap < 0 or args.tile_overlap % 16 or args.tile_overlap > (args.tile or 512):
-                parser.error(f"--tile-overlap must be a multiple of 16 from 0 to the tile side; got {args.tile_overlap}")
+    if args.command == "encode" and args.tile_overlap is not None:
+        if args.tile == 0:
+            parser.error("--tile-overlap needs tiles (not --tile 0)")
+        if args.tile_overlap > (args.tile or 512):
+            parser.error(overlap_problem(args.tile_overlap))
     return args
 
 

@@ -25,8 +25,7 @@ from layers.scan import BACKENDS, resolve_backend  # noqa: E402
 from layers.ss2d import SS2D  # noqa: E402
 from models import CSM, PAD_MULTIPLE, CheckpointError, architecture, load_checkpoint, pad_multiple  # noqa: E402
 from utils import codec_io  # noqa: E402
-from utils.bitstream import OVERLAP_MULTIPLE, TILE_MULTIPLE  # noqa: E402
-from utils.cli import positive_int  # noqa: E402
+from utils.cli import overlap_argument, overlap_problem, positive_int, tile_argument  # noqa: E402
 from utils.tiling import DEFAULT_OVERLAP, TiledCoder  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvaluationError,
@@ -53,22 +52,6 @@ def pad_argument(text: str) -> int:
     value = int(text)
     if value < PAD_MULTIPLE or value % PAD_MULTIPLE:
         raise argparse.ArgumentTypeError(f"--pad must be a positive multiple of {PAD_MULTIPLE}, got {value}")
-    return value
-
-
-def tile_argument(text: str) -> int:
-    """argparse type: 0 (never tile) or a positive multiple of the tile grid (64)."""
-    value = int(text)
-    if value < 0 or value % TILE_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"--tile must be 0 or a positive multiple of {TILE_MULTIPLE}, got {value}")
-    return value
-
-
-def overlap_argument(text: str) -> int:
-    """argparse type: a multiple of 16 (whole latent positions), >= 0."""
-    value = int(text)
-    if value < 0 or value % OVERLAP_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"--tile-overlap must be a multiple of {OVERLAP_MULTIPLE} >= 0, got {value}")
     return value
 
 
@@ -103,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pixels of context around each tile (a multiple of 16; default: %(default)s)")
     args = parser.parse_args(argv)
     if args.tile and args.tile_overlap > args.tile:
-        parser.error(f"--tile-overlap {args.tile_overlap} exceeds the tile side {args.tile}")
+        parser.error(overlap_problem(args.tile_overlap))
     return args
 
 
