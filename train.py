@@ -183,6 +183,13 @@ def build_parser():
     run = parser.add_argument_group("run length, device, checkpoints and logs")
     run.add_argument("--max-steps", type=positive_int,
                      help="stop after this many steps in all (validates and saves latest)")
+    run.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
+                     help="stop this process after this many seconds of training (validation included), then "
+                          "validate and save latest as --max-steps does: a run that fits a time slot, resumed with "
+                          "--resume")
+    run.add_argument("--lr-time-milestones", type=positive_float, nargs="+", default=[], metavar="FRACTION",
+                     help=f"with --time-limit: multiply the learning rate by {LR_GAMMA} when this fraction of the "
+                          "time limit has passed (e.g. 0.8 0.93), in addition to --lr_epoch")
     run.add_argument("--epoch-steps", type=positive_int, help="cap the steps of one epoch (default: a full pass)")
     run.add_argument("--cuda", action="store_true", help="train on the GPU (one per process under torchrun)")
     run.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -228,6 +235,10 @@ def parse_args(argv=None):
         if refused:
             parser.error(f"{', '.join(refused)}: not an option of {args.model}, which takes "
                          f"{' and '.join('--' + k for k in widths)} only")
+    if args.lr_time_milestones and args.time_limit is None:
+        parser.error("--lr-time-milestones needs --time-limit (they are fractions of it)")
+    if any(f >= 1 for f in args.lr_time_milestones):
+        parser.error(f"--lr-time-milestones must be fractions below 1; got {args.lr_time_milestones}")
     if args.save_path is None:
         args.save_path = f"runs/{args.model.replace(':', '-')}_{args.type}_lambda{args.lmbda:g}"
     if args.resume and args.checkpoint is None:
@@ -377,6 +388,10 @@ class Trainer:
         self.seconds_before, self.clock = 0.0, time.perf_counter()  # the run's time: earlier processes' + this one's
         self.validated_step = None
         self.best_loss = math.inf
+        self.started = None  # perf_counter() when this process began to train (--time-limit counts from there)
+        self.time_decays = 0  # --lr-time-milestones passed in this process
+        self.out_of_time = False
+        self.shared_time_used = 0.0
         rng_state = None
         if args.resume:
             rng_state = self._restore(checkpoint_data, error)
@@ -513,23 +528,55 @@ class Trainer:
         full = math.ceil(self.train_sampler.per_rank() / self.args.batch_size)
         return min(full, self.args.epoch_steps or full)
 
+    def time_used(self):
+        """The fraction of --time-limit this process has used, None without a limit. Under torchrun every process
+        takes the first one's clock, shared every READ_EVERY steps (when all are at the same step)."""
+        if self.args.time_limit is None:
+            return None
+        used = (time.perf_counter() - self.started) / self.args.time_limit
+        if not self.session.distributed:
+            return used
+        if self.step % READ_EVERY == 0:
+            value = torch.tensor([used], dtype=torch.float64, device=self.session.device)
+            dist.broadcast(value, src=0)
+            self.shared_time_used = value.item()
+        return self.shared_time_used
+
+    def check_time(self):
+        """Apply the --lr-time-milestones passed so far; True when --time-limit is reached."""
+        used = self.time_used()
+        if used is None:
+            return False
+        milestones = sorted(self.args.lr_time_milestones)
+        while self.time_decays < len(milestones) and used >= milestones[self.time_decays]:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= LR_GAMMA
+            self.time_decays += 1
+            log.info("step %d: %.0f %% of --time-limit passed, learning rate now %.3g", self.step,
+                     100 * milestones[self.time_decays - 1], self.optimizer.param_groups[0]["lr"])
+        self.out_of_time = used >= 1
+        return self.out_of_time
+
     def fit(self):
         args = self.args
-        self.clock = time.perf_counter()
+        self.clock = self.started = time.perf_counter()
         if self.epoch >= args.epochs:
             log.info("the checkpoint has already completed %d of %d epochs: nothing to do", self.epoch, args.epochs)
         first_step = self.step
-        while self.epoch < args.epochs:
+        while self.epoch < args.epochs and not self.out_of_time:
             if args.max_steps is not None and self.step >= args.max_steps:
                 break
             if not self.train_epoch():
-                break  # stopped by --max-steps in the middle of an epoch
+                break  # stopped by --max-steps or --time-limit in the middle of an epoch
             self.end_epoch()
         if self.step > first_step and self.validated_step != self.step:
             # The run ends between validations (--max-steps, --val-every): validate, and keep where it stopped.
             self.validate_and_save()
         if args.max_steps is not None and self.step >= args.max_steps and self.epoch < args.epochs:
             log.info("stopped after %d steps (--max-steps); resume with --resume", self.step)
+        elif self.out_of_time and self.epoch < args.epochs:
+            log.info("stopped at step %d after %s of training (--time-limit); resume with --resume", self.step,
+                     format_duration(time.perf_counter() - self.started))
         if self.writer is not None:
             self.writer.close()
         if args.debug_dump_rank_params:
@@ -572,6 +619,8 @@ class Trainer:
             if args.save_every_steps and self.step % args.save_every_steps == 0 and self.step_in_epoch < total:
                 self.read_results()
                 self.save([LATEST])
+            if self.check_time():
+                break
         self.read_results()
         self.bar.close()
         if self.window and self.step % args.log_every:
@@ -625,6 +674,8 @@ class Trainer:
         mean["steps_per_second"] = steps / seconds
         mean["lr"] = self.optimizer.param_groups[0]["lr"]
         eta = max(self.planned_steps() - self.step, 0) / mean["steps_per_second"]
+        if self.args.time_limit is not None:
+            eta = min(eta, max(self.args.time_limit - (time.perf_counter() - self.started), 0.0))
         log.info("epoch %d step %d/%d (%d in all): loss %.4f bpp %.4f mse %.3g psnr %.2f aux %.4g lr %.3g | "
                  "%.3g steps/s %.2f img/s, ETA %s (training steps)", self.epoch, self.step_in_epoch, total, self.step,
                  mean["loss"], mean["bpp_loss"], mean["mse_loss"], mean["psnr"], mean["aux_loss"], mean["lr"],

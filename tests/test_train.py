@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,6 +159,35 @@ def test_validation_every_few_epochs_and_at_the_end_with_the_run_time(data, tmp_
     assert read_checkpoint(tmp_path / "checkpoint_latest.pth.tar")["train_seconds"] >= seconds[-1]
 
 
+def test_time_limit_stops_validates_and_decays_the_learning_rate_on_time(data, tmp_path, monkeypatch):
+    """--time-limit stops after that much training time (a fake clock: 10 s a step) and saves a resumable latest
+    checkpoint; --lr-time-milestones decay the learning rate at those fractions of it."""
+    now = [1000.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    real_step = train.train_step
+
+    def ten_second_step(*args, **kwargs):
+        now[0] += 10.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ten_second_step)
+    flags = ["--epochs", "20", "--epoch-steps", "2", "--val-every", "100", "-lr", "1e-3"]
+    first = tiny_run(data, tmp_path, *flags, "--time-limit", "35", "--lr-time-milestones", "0.5", "0.8")
+    # steps end at 10, 20, 30, 40 s: decays after steps 2 (57 %) and 3 (86 %), the stop after step 4 (114 %)
+    assert first.step == 4 and first.time_decays == 2
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    saved = read_checkpoint(tmp_path / "checkpoint_latest.pth.tar")
+    assert saved["step"] == 4 and saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [4]
+    resumed = tiny_run(data, tmp_path, *flags, "--resume", "--time-limit", "25")  # 3 more steps, the lr kept
+    assert resumed.step == 7 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_time_milestones_need_a_time_limit(data, capsys):
+    assert "needs --time-limit" in usage_error(capsys, ["-d", str(data), "--lr-time-milestones", "0.5"])
+    assert "below 1" in usage_error(capsys, ["-d", str(data), "--time-limit", "9", "--lr-time-milestones", "1.5"])
+
+
 def test_speed_settings_resolve_their_automatic_values(monkeypatch):
     parser, args = train.parse_args(["-d", "x", "--threads", "1"])
     assert (args.amp, args.num_workers, args.fused_adam, args.tf32, args.channels_last) == ("auto", None, True, True,
@@ -237,12 +267,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ddp_run(data, tmp_path, flags):
-    """Train with two processes for one epoch of 2 steps; returns the final weights of rank 0 and of rank 1."""
+def ddp_run(data, tmp_path, flags, *overrides):
+    """Train with two processes for one epoch of 2 steps (or as ``overrides`` say); returns the final weights of rank 0
+    and of rank 1."""
     dump = tmp_path / "dump"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "train.py", "-d", str(data), *flags, "--save_path",
-           str(tmp_path / "run"), "--epochs", "1", "--epoch-steps", "2", "--debug-dump-rank-params", str(dump)]
+           str(tmp_path / "run"), "--epochs", "1", "--epoch-steps", "2", "--debug-dump-rank-params", str(dump), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -257,6 +288,16 @@ def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
     for key, value in rank0.items():
         assert torch.equal(value, rank1[key]), key
         assert torch.equal(value, saved["state_dict"][key]), key
+
+
+def test_ddp_processes_stop_together_on_the_first_ones_clock(data, tmp_path):
+    # Epochs of 2 steps; the time limit is long past after the first, and the processes agree on it every READ_EVERY
+    # steps.
+    rank0, rank1 = ddp_run(data, tmp_path, RUN_FLAGS, "--epochs", str(train.READ_EVERY), "--time-limit",
+                           "1e-6")
+    assert read_checkpoint(tmp_path / "run" / "checkpoint_latest.pth.tar")["step"] == train.READ_EVERY
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
 
 
 # --- non-finite steps ----------------------------------------------------------------------------------------------
