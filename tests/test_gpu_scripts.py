@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from scripts import build_mamba_kernel as kb
-from scripts import gpu_check, gpu_train_speed
+from models import load_checkpoint, read_checkpoint
+from scripts import gpu_check, gpu_train, gpu_train_speed
 from tests.helpers import REPO
 
-SHELL_SCRIPTS = ("gpu_check.sh", "fetch_gpu_deps.sh", "install_mamba.sh", "gpu_train_speed.sh")
+SHELL_SCRIPTS = ("gpu_check.sh", "fetch_gpu_deps.sh", "install_mamba.sh", "gpu_train_speed.sh", "gpu_train.sh")
 
 
 def _sdist_or_skip():
@@ -247,3 +248,50 @@ def shared_data_or_skip():
     from tests.helpers import shared_data
 
     return shared_data("bsds500")
+
+
+# --- gpu_train.py ------------------------------------------------------------------------------------------------
+def test_gpu_train_plans_a_timed_warm_start_and_leaves_time_for_the_evaluation(tmp_path):
+    data = shared_data_or_skip()
+    init = tmp_path / "init.pth.tar"
+    init.write_bytes(b"")
+    args = gpu_train.parse_args(["--data", str(data), "--eval-data", str(data / "val"), "--init", str(init)])
+    command = gpu_train.train_command(args, tmp_path / "run", 300)
+    joined = " ".join(command)
+    assert "--cuda" in command and "--patch-size 256 256" in joined and "--lr-time-milestones 0.8 0.93" in joined
+    assert command[command.index("--time-limit") + 1] == "300"
+    assert command[command.index("--checkpoint") + 1] == str(init)  # weights only: no --resume, Adam afresh
+    # A deadline that leaves no time to train: the stage says so, and the report is still written.
+    code = gpu_train.main(["--data", str(data), "--eval-data", str(data / "val"), "--out", str(tmp_path / "out"),
+                           "--stages", "train", "--deadline-s", str(gpu_train.EVAL_RESERVE_S)])
+    report = json.loads((tmp_path / "out" / "gpu_train.json").read_text())
+    assert code == 1 and "left for training" in report["stages"]["train"]["error"]
+
+
+def test_gpu_train_smoke_trains_exports_evaluates_and_warm_starts(tmp_path):
+    """--smoke on the CPU: a tiny model trains for a few seconds, comes back as a float16 checkpoint with its Kodak
+    point, and a second run starts from that checkpoint (--init)."""
+    shared_data_or_skip()
+
+    def smoke(out, *extra):
+        proc = subprocess.run([sys.executable, "scripts/gpu_train.py", "--smoke", "--seconds", "4", "--name", "tiny",
+                               "--out", str(out), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads((out / "gpu_train.json").read_text())
+
+    report = smoke(tmp_path / "a")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["gpu_train.json", "tiny.pth.tar", "tiny_eval.log", "tiny_kodak.json", "tiny_metrics.jsonl",
+                     "tiny_train.log"]
+    train = report["stages"]["train"]
+    assert train["steps"] >= 1 and train["time_limit_s"] == 4 and "--time-limit" in train["command"]
+    exported = tmp_path / "a" / "tiny.pth.tar"
+    assert all(t.dtype == torch.float16 for k, t in read_checkpoint(exported)["state_dict"].items()
+               if k.endswith(".weight"))
+    load_checkpoint(exported)
+    results = json.loads((tmp_path / "a" / "tiny_kodak.json").read_text())["results"]
+    assert results["num_images"] == [1] and results["bpp_real"][0] > 0
+    assert report["stages"]["eval"]["results"]["bpp_real"] == results["bpp_real"]
+
+    again = smoke(tmp_path / "b", "--init", str(exported), "--stages", "train")
+    assert again["init"] == str(exported) and "--checkpoint" in again["stages"]["train"]["command"]
