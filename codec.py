@@ -90,6 +90,7 @@ def setup(args, checkpoint):
 
     from utils import codec_io
 
+    codec_io.map_large_buffers()  # freed tile buffers go back to the system: a lower peak on large images
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.cuda and not torch.cuda.is_available():

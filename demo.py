@@ -65,6 +65,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    codec_io.map_large_buffers()  # freed tile buffers go back to the system: a lower peak on large images
     image = args.image or sample_image()
     try:
         model, _ = codec_io.load_model(args.checkpoint)

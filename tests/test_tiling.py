@@ -1,9 +1,14 @@
 """Tiled coding (utils/tiling.py): exact round trips over several tiles, the version-2 header and version 1 files,
 refusals of damaged tiled files, the automatic choice of tiles, codec.py and eval.py with --tile."""
 
+import ctypes
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +247,37 @@ def test_eval_tiled_records_real_rates(checkpoint, tmp_path):
     assert '"tile": 64, "tile_overlap": 32' in json.dumps(documents[64]) and '"tile": 0' in json.dumps(documents[0])
     assert documents[64]["results"]["round_trip_failures"] == [0]
     assert documents[64]["results"]["bpp"][0] != documents[0]["results"]["bpp"][0]  # 6 tiles: other strings
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+sys.path.insert(0, {repo!r})
+from utils.codec_io import map_large_buffers
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+applied = map_large_buffers() if sys.argv[1] == "apply" else False
+libc.free(libc.malloc(8 << 20))  # a freed mapping raises glibc's own threshold to 8 MiB
+mapped = libc.mallinfo2().hblkhd
+block = libc.malloc(2 << 20)
+print(applied, libc.mallinfo2().hblkhd - mapped)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.parametrize("mode", ["apply", "leave"])
+def test_large_buffers_stay_mapped_after_map_large_buffers(mode):
+    # Without the fixed threshold, a 2 MiB block after a freed 8 MiB one lands in the heap (and can fragment it);
+    # with it, the block gets its own mapping, which free() returns to the system.
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE.format(repo=repo), mode], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    applied, grown = out[0] == "True", int(out[1])
+    assert applied == (mode == "apply")
+    assert (grown >= 2 << 20) == (mode == "apply")
