@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from layers.scan import ScanBackendError, resolve_backend
 from models import CSM, PAD_MULTIPLE, CheckpointError, load_checkpoint
+from utils.allocator import map_large_buffers  # noqa: F401 -- codec_io.map_large_buffers
 from utils.bitstream import MAX_SIDE, MIN_TILE, MODEL_ID_BYTES, TILE_MULTIPLE, CompressedImage, pack, unpack
 from utils.image import ImageReadError, atomic_write, crop_center, load_image_with_note, pad_center
 from utils.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TiledCoder
@@ -120,32 +121,6 @@ def estimate_peak_memory(model, padded_size, tile=0, overlap=0):
     images = 8 * 3 * height * width * 4  # input, padded input, reconstruction, crops, 8-bit copies
     latents = 3 * cfg.M * (height // 16) * (width // 16) * 4 if tile else 0  # y, y_hat and the decoder's y_hat
     return max(transforms, entropy) + images + latents + _WEIGHT_COPIES * weights + _MARGIN_BYTES
-
-
-# glibc's mallopt parameter: allocations of at least this many bytes get their own mmap (returned to the system when
-# freed) instead of a place in the heap. glibc raises the threshold by itself (up to 32 MiB) each time a mapped block
-# is freed, after which the tile-sized temporaries of tiled coding settle in the heap and fragment it.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def map_large_buffers(threshold=MMAP_THRESHOLD_BYTES):
-    """Have glibc's malloc serve every allocation of ``threshold`` bytes or more from its own mapping, at a fixed
-    threshold, so that freed activations go back to the system at once rather than fragmenting the heap (measured on
-    a 12-megapixel decode in tiles: peak RSS 1.61 -> 1.45 GB). Same values, a few page faults more. Returns whether
-    it applied: False off glibc (macOS, Windows, musl), or where the environment sets ``MALLOC_MMAP_THRESHOLD_``
-    itself (the user's choice wins)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def available_memory():

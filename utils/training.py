@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from models import CheckpointError, CSMConfig, architecture, checkpoint_arch, unwrap_model
 from models.checkpoint import load_state_dict_checked, state_dict_for
+from utils.allocator import keep_freed_memory  # noqa: F401 -- re-exported: train.py, scripts/bench_train.py
 from utils.metrics import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim, mse, psnr
 
 METRICS = ("mse", "ms-ssim")
@@ -108,23 +109,6 @@ def available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
-
-
-def keep_freed_memory():
-    """Ask glibc's allocator to keep freed memory for reuse (no mmap for large blocks, no trimming of the heap)
-    instead of returning it to the kernel, which otherwise faults every large tensor of a training step in again,
-    page by page: 8-16 % of a csm-small CPU step here, for about 5 % more peak memory. Process-wide, for the
-    allocations made after it. Returns False (and changes nothing) where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def bf16_native(device):
