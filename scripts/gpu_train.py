@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.gpu_train_speed import setup  # noqa: E402
+from scripts.gpu_train_speed import chosen_stages, setup  # noqa: E402
 
 DATA = REPO / ".gpu_data"  # carried to the GPU machine (it has no ../shared); here, ../shared/data stands in
 SHARED = REPO.parent / "shared" / "data"
@@ -78,12 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="no GPU: a tiny model on the CPU for a few seconds, one Kodak image; no setup stage")
     args = parser.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(args.stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
-    if args.smoke:
-        args.stages = [s for s in args.stages if s != "setup"]
+    args.stages = chosen_stages(parser, args.stages, STAGES, args.smoke)
     if args.seconds is None:
         args.seconds = 10.0 if args.smoke else 330.0
     if args.init is not None and not args.init.is_file():

@@ -44,16 +44,20 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="no GPU: every stage but setup on the CPU, tiny sizes, one step")
     args = parser.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(args.stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
-    if args.smoke:
-        args.stages = [s for s in args.stages if s != "setup"]
+    args.stages = chosen_stages(parser, args.stages, STAGES, args.smoke)
     if args.output is None:
         out = os.environ.get("OUT")
         args.output = Path(out) / "gpu_train_speed.json" if out else REPO / "results" / "gpu_train_speed.json"
     return args
+
+
+def chosen_stages(parser, text, stages, smoke):
+    """The stages named in ``text`` (comma-separated, each one of ``stages``), without setup when ``smoke``."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(stages))
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {','.join(stages)}")
+    return [s for s in chosen if not (smoke and s == "setup")]
 
 
 def bench_flags(smoke):
