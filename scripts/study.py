@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "study", help="default: runs/study")
     parser.add_argument("--results", type=Path, default=REPO / "results" / "study", help="default: results/study")
     parser.add_argument("--train-args", default="", help="more train.py arguments (one shell-quoted string)")
+    parser.add_argument("--eval-args", default="", help="more eval.py arguments, e.g. \"--threads 1\" beside another "
+                        "run (one shell-quoted string)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--list", action="store_true", help="print the models and the recipe and exit")
     args = parser.parse_args(argv)
@@ -83,7 +85,8 @@ def train_command(args, model, lmbda):
 def eval_command(args, model, lmbda):
     folder = args.runs / name_of(model, lmbda)
     return [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(folder / "checkpoint_latest.pth.tar"),
-            "--data", args.eval_data, "-o", str(args.results / f"{name_of(model, lmbda)}.json")]
+            "--data", args.eval_data, "-o", str(args.results / f"{name_of(model, lmbda)}.json"),
+            *shlex.split(args.eval_args)]
 
 
 def main(argv=None):

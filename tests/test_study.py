@@ -13,13 +13,15 @@ from tests.helpers import REPO
 
 def test_every_model_of_the_study_gets_the_same_recipe(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/study.py", "--dry-run", "--steps", "500", "--runs",
-                           str(tmp_path / "runs"), "--results", str(tmp_path / "results")], cwd=REPO,
+                           str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--train-args",
+                           "--threads 1", "--eval-args", "--threads 1"], cwd=REPO,
                           capture_output=True, text=True, check=True)
     trains = [line for line in proc.stdout.splitlines() if "train.py" in line]
     evals = [line for line in proc.stdout.splitlines() if "eval.py" in line]
     assert len(trains) == len(evals) == len(study.MODELS)
     recipe = " ".join(study.RECIPE) + " --lambda 0.013 --epochs 20 --lr_epoch 16 19"
-    assert all(recipe in line for line in trains)
+    assert all(recipe in line and line.endswith("--threads 1") for line in trains)
+    assert all(line.endswith("--threads 1") for line in evals)
 
 
 def write_curve(folder, name, points, bpp, psnr):
