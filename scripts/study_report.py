@@ -7,8 +7,9 @@ learning curves and an RD plot.
 Per model and lambda, the table gives the parameters and MACs per pixel (``scripts/model_report.py``'s counters, at
 768x512), the steps and training hours of the run (its ``metrics.jsonl``, which ``study.py`` copies to curves/), the
 Kodak bpp, PSNR and MS-SSIM of ``eval.py`` with real bitstreams, eval.py's mean encode and decode seconds per image,
-and the PSNR difference to JPEG and WebP at the same bpp (their published Kodak curves, PCHIP over log bpp). With two
-or more lambdas of a model, BD-rates against tcm, JPEG and WebP (``utils.rd``) follow in a second table. The curves
+and the PSNR difference to JPEG and WebP at the same bpp (their published Kodak curves, and Pillow's JPEG, WebP and
+AVIF as ``scripts/bench_classical.py`` measured them here where RESULTS/classical/ exists; PCHIP over log bpp). With
+two or more lambdas of a model, BD-rates against tcm and those curves (``utils.rd``) follow in a second table. The curves
 figure plots validation PSNR and bpp against steps and against hours of training, so that the ranking at equal
 steps and at equal time can both be read.
 """
@@ -29,7 +30,8 @@ from utils.image import atomic_write  # noqa: E402
 from utils.rd import bd_rate, load_rd, save_figure  # noqa: E402
 
 PUBLISHED = REPO.parent / "shared" / "data" / "published_rd" / "kodak"
-REFERENCES = ("jpeg", "webp")  # published_rd/kodak/<name>.json
+REFERENCES = {"jpeg": "JPEG (published)", "webp": "WebP (published)"}  # published_rd/kodak/<name>.json
+CLASSICAL = {"jpeg": "JPEG (Pillow)", "webp": "WebP (Pillow)", "avif": "AVIF (Pillow)"}  # bench_classical.py's
 NAME = re.compile(r"^(?P<model>.+)_lambda(?P<lmbda>[0-9.e-]+)$")
 
 
@@ -39,12 +41,15 @@ def parse_args(argv=None):
                         help="study.py's results folder (default: results/study)")
     parser.add_argument("--published", type=Path, default=PUBLISHED,
                         help="folder of jpeg.json and webp.json (default: ../shared/data/published_rd/kodak)")
+    parser.add_argument("--classical", type=Path, help="scripts/bench_classical.py's output on Kodak, "
+                        "<codec>-pillow.json (default: RESULTS/classical, where it exists)")
     parser.add_argument("--out", type=Path, help="output folder (default: --results)")
     parser.add_argument("--no-macs", action="store_true", help="parameters only: no MAC count")
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         parser.error(f"--results {args.results}: no such folder (scripts/study.py writes it)")
     args.out = args.out or args.results
+    args.classical = args.classical or args.results / "classical"
     return args
 
 
@@ -107,7 +112,7 @@ def plain(value, digits):
 
 def table(runs, sizes, references):
     lines = ["| model | lambda | params (M) | kMACs/px | steps | train h | Kodak bpp | PSNR (dB) | MS-SSIM | "
-             "enc / dec (s) | " + " | ".join(f"dB vs {name} at equal bpp" for name in references) + " |",
+             "enc / dec (s) | " + " | ".join(f"dB vs {name}" for name in references) + " |",
              "|" + "---|" * (10 + len(references))]
     for key in sorted(runs, key=lambda k: (k[1], k[0])):
         run = runs[key]
@@ -171,7 +176,7 @@ def plot_rd_points(runs, references, path):
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for name, ref in references.items():
-        ax.plot(ref["bpp"], ref["psnr"], "--", color="gray" if name == "jpeg" else "black", label=f"{name} (published)")
+        ax.plot(ref["bpp"], ref["psnr"], "--" if "published" in name else ":", label=name)
     by_model = {}
     for (model, _), run in sorted(runs.items()):
         by_model.setdefault(model, []).append(run)
@@ -197,13 +202,14 @@ def main(argv=None):
     if not runs:
         raise SystemExit(f"error: no <model>_lambda<lambda>.json results in {args.results}")
     references = {}
-    for name in REFERENCES:
-        path = args.published / f"{name}.json"
+    sources = [(args.published / f"{name}.json", label) for name, label in REFERENCES.items()]
+    sources += [(args.classical / f"{name}-pillow.json", label) for name, label in CLASSICAL.items()]
+    for path, label in sources:
         if path.exists():
             curve = load_rd(path)
-            references[name] = {"bpp": curve["bpp"], "psnr": curve["psnr"]}
-        else:
-            print(f"note: {path} not found: no comparison with {name}", file=sys.stderr)
+            references[label] = {"bpp": curve["bpp"], "psnr": curve["psnr"]}
+        elif path.parent == args.published:
+            print(f"note: {path} not found: no comparison with {label}", file=sys.stderr)
     sizes = {model: model_size(model, not args.no_macs) for model in sorted({m for m, _ in runs})}
     args.out.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, args.out / "curves.png")

@@ -57,7 +57,8 @@ def test_report_gives_the_gain_over_jpeg_and_webp_and_bd_rates_where_curves_exis
     row = next(line for line in report.splitlines() if line.startswith("| tcm | 0.013 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4:6] == ["500", "5.00"]  # steps, hours (36 s a step)
-    assert cells[-2:] == ["+1.00", "-2.00"]  # dB over jpeg and webp at equal bpp
+    assert cells[-2:] == ["+1.00", "-2.00"]  # dB over JPEG and WebP at equal bpp
+    assert "dB vs JPEG (published)" in report and "Pillow" not in report  # no classical/ folder here
     bd = next(line for line in report.splitlines() if line.startswith("| mbt2018-mean |") and "%" in line)
     assert [c.strip() for c in bd.strip("|").split("|")][1:] == [
         f"{100 * (10 ** 0.1 - 1):+.1f} %", "+0.0 %", f"{100 * (10 ** 0.3 - 1):+.1f} %"]  # vs tcm, jpeg, webp
