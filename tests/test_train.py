@@ -156,7 +156,8 @@ def test_validation_every_few_epochs_and_at_the_end_with_the_run_time(data, tmp_
     assert [r["step"] for r in records] == [2, 3, 4, 5]  # epochs 2 and 4, the stop at 3, the last epoch
     seconds = [r["seconds"] for r in records]
     assert seconds == sorted(seconds) and seconds[0] > 0
-    assert read_checkpoint(tmp_path / "checkpoint_latest.pth.tar")["train_seconds"] >= seconds[-1]
+    # metrics.jsonl rounds to 0.1 s (which may round up); the checkpoint, saved after it, holds the exact time
+    assert read_checkpoint(tmp_path / "checkpoint_latest.pth.tar")["train_seconds"] >= seconds[-1] - 0.05
 
 
 def test_time_limit_stops_validates_and_decays_the_learning_rate_on_time(data, tmp_path, monkeypatch):
