@@ -83,10 +83,9 @@ def parse_args(argv=None):
         args.seconds = 10.0 if args.smoke else 330.0
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file")
-    for name in ("bsds500", "kodak"):
-        attribute = "data" if name == "bsds500" else "eval_data"
-        if getattr(args, attribute) is None:
-            setattr(args, attribute, DATA / name if (DATA / name).is_dir() else SHARED / name)
+    default = lambda name: DATA / name if (DATA / name).is_dir() else SHARED / name  # noqa: E731
+    args.data = args.data or default("bsds500")
+    args.eval_data = args.eval_data or default("kodak")
     for flag, folder in (("--data", args.data), ("--eval-data", args.eval_data)):
         if not folder.is_dir():
             parser.error(f"{flag} {folder}: no such folder (bash scripts/gpu_train.sh --prepare fills .gpu_data/)")
