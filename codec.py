@@ -1,9 +1,11 @@
 """Compress an image to a ``.csm`` file and back with a trained CSM model.
 
-    python codec.py encode IN.png OUT.csm [--checkpoint C] [--cuda] [--tile SIZE]
-    python codec.py decode IN.csm OUT.png [--checkpoint C] [--cuda]
+    python codec.py encode IN.png OUT.csm [--quality Q | --checkpoint C] [--cuda] [--tile SIZE]
+    python codec.py decode IN.csm OUT.png [--quality Q | --checkpoint C] [--cuda]
 
-Without ``--checkpoint`` the bundled ``checkpoints/csm-small.pth.tar`` is used. Outputs are written atomically.
+Without ``--checkpoint`` a bundled checkpoint is used (``utils/bundled.py``): ``--quality`` picks one of the bundled
+rate points (higher is better quality; the encoder's default is the middle one), and the decoder, given neither
+option, picks the bundled checkpoint that the file names. Outputs are written atomically.
 An image whose estimated peak memory exceeds what is available is coded in tiles (``utils/tiling.py``; a note says
 so, and a progress bar runs over the tiles); ``--tile SIZE`` forces tiles of that side, ``--tile 0`` forbids them.
 Problems with the input, the checkpoint or the machine end the run with one line ``error: ...`` on stderr and exit
@@ -18,10 +20,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from utils import bitstream
+from utils import bitstream, bundled
 from utils.cli import overlap_argument, overlap_problem, tile_argument
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "csm-small.pth.tar"
+DEFAULT_CHECKPOINT = bundled.BUNDLED[bundled.DEFAULT_QUALITY].path
 SCAN_BACKENDS = ("auto", "cpu", "torch", "cuda", "ref")  # layers.scan.BACKENDS, which would import torch
 
 
@@ -32,8 +34,11 @@ def parse_args(argv=None):
         sub = commands.add_parser(name, help=f"{source} -> {target}")
         sub.add_argument("input", type=Path, help=f"the {source} to read")
         sub.add_argument("output", type=Path, help=f"the {target} to write (atomically)")
-        sub.add_argument("--checkpoint", type=Path, default=None,
-                         help="model checkpoint (default: checkpoints/csm-small.pth.tar in the repository)")
+        which = sub.add_mutually_exclusive_group()
+        which.add_argument("--quality", type=int, choices=bundled.QUALITIES, default=None,
+                           help="the bundled checkpoint of this quality, higher is better (default: "
+                           + (f"{bundled.DEFAULT_QUALITY})" if name == "encode" else "the one the file names)"))
+        which.add_argument("--checkpoint", type=Path, default=None, help="any model checkpoint instead")
         sub.add_argument("--cuda", action="store_true", help="run the transforms on the GPU (entropy parameters stay "
                          "on the CPU in float64, so files are portable between devices)")
         sub.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -67,18 +72,23 @@ def parse_args(argv=None):
     return args
 
 
-def checkpoint_path(args):
-    """The checkpoint to load; a missing one is an error that says what to do."""
-    if args.checkpoint is None:
-        if not DEFAULT_CHECKPOINT.is_file():
+def checkpoint_path(args, model_id=None):
+    """The checkpoint to load: ``--checkpoint``, else the bundled one of ``--quality``, else, for a file that names
+    ``model_id``, the bundled checkpoint with that id, else the default quality's. A missing one is an error that
+    says what to do."""
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file")
+        return args.checkpoint
+    quality = args.quality
+    if quality is None and model_id is not None:
+        quality = bundled.by_model_id(model_id)
+        if quality is None:
             raise FileNotFoundError(
-                f"no --checkpoint given and the default checkpoint {DEFAULT_CHECKPOINT} does not exist: pass "
-                "--checkpoint PATH, or train one with train.py and save it there"
+                f"the file was encoded with model {model_id.hex()}, none of the bundled checkpoints (qualities "
+                f"{', '.join(map(str, bundled.QUALITIES))}): pass --checkpoint with the checkpoint that encoded it"
             )
-        return DEFAULT_CHECKPOINT
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file")
-    return args.checkpoint
+    return bundled.by_quality(bundled.DEFAULT_QUALITY if quality is None else quality)
 
 
 def setup(args, checkpoint):
@@ -138,7 +148,7 @@ def encode(args):
 
 def decode(args):
     compressed = bitstream.read_file(args.input)  # every structural check, before torch is imported
-    codec_io, model, device = setup(args, checkpoint_path(args))
+    codec_io, model, device = setup(args, checkpoint_path(args, compressed.model_id))
     from utils.image import save_image
     from utils.metrics import bpp_from_strings
 

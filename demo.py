@@ -1,7 +1,7 @@
 """The quick start: compress and decompress one image with the bundled CSM checkpoint, next to JPEG and WebP.
 
     python demo.py                      # a sample photo that matplotlib ships (Grace Hopper, 512x600)
-    python demo.py --image photo.png [--checkpoint C] [--out-dir demo_out]
+    python demo.py --image photo.png [--quality 1|2|3 | --checkpoint C] [--out-dir demo_out]
 
 The CSM file is a real ``.csm`` bitstream (``codec.py``'s format), decoded back from its bytes; JPEG and WebP are
 encoded by Pillow at the quality whose file size comes closest to the CSM file's, so the rows compare at about
@@ -18,8 +18,7 @@ import matplotlib.cbook
 import torch
 from PIL import Image
 
-from codec import DEFAULT_CHECKPOINT
-from utils import codec_io
+from utils import bundled, codec_io
 from utils.image import save_image, to_pil, to_tensor
 from utils.metrics import bpp_from_strings, psnr_8bit
 
@@ -59,7 +58,11 @@ def closest_quality(img, fmt, target_bytes):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, help="image to compress (default: a sample photo)")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="model checkpoint")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quality", type=int, choices=bundled.QUALITIES, default=None,
+                       help="the bundled checkpoint of this quality, higher is better "
+                       f"(default: {bundled.DEFAULT_QUALITY})")
+    which.add_argument("--checkpoint", type=Path, default=None, help="any model checkpoint instead")
     parser.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="where the outputs are written")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -68,9 +71,10 @@ def main(argv=None):
     codec_io.map_large_buffers()  # freed tile buffers go back to the system: a lower peak on large images
     image = args.image or sample_image()
     try:
-        model, _ = codec_io.load_model(args.checkpoint)
+        checkpoint = args.checkpoint or bundled.by_quality(args.quality or bundled.DEFAULT_QUALITY)
+        model, _ = codec_io.load_model(checkpoint)
         x, _, (tile, overlap), tile_note = codec_io.read_image(image, model)
-    except codec_io.USER_ERRORS as exc:
+    except (FileNotFoundError, *codec_io.USER_ERRORS) as exc:
         sys.exit(f"error: {exc}")
     height, width = x.shape[-2:]
     pixels = height * width
@@ -90,7 +94,7 @@ def main(argv=None):
         (args.out_dir / f"image.{ext}").write_bytes(blob)
         rows.append((f"{fmt} q={quality} (Pillow)", len(blob), psnr_8bit(x, decoded).item(), enc_s, dec_s))
 
-    print(f"{image}: {width}x{height}, checkpoint {args.checkpoint}")
+    print(f"{image}: {width}x{height}, checkpoint {checkpoint}")
     print(f"{'codec':<26}{'bytes':>9}{'bpp':>8}{'PSNR [dB]':>11}{'encode [s]':>12}{'decode [s]':>12}")
     for name, size, quality_db, enc_s, dec_s in rows:
         bpp = bpp_from_strings([b"\0" * size], pixels)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import codec
 from models import build_model, save_checkpoint
-from utils import bitstream, codec_io
+from utils import bitstream, bundled, codec_io
 from tests.helpers import torch_threads
 from utils.bitstream import BitstreamError, CompressedImage
 
@@ -178,14 +178,25 @@ def test_model_id_names_config_and_weights(model, checkpoints):
 def test_the_bundled_model_keeps_its_id():
     """Files written with the bundled checkpoint before config fields were added must still name it: the id
     leaves out later fields at their defaults, and counts them when they differ."""
-    bundled = codec_io.load_model(codec.DEFAULT_CHECKPOINT)[0]
+    bundled_model = codec_io.load_model(codec.DEFAULT_CHECKPOINT)[0]
     # The bundled model since 2026-12-08 (the study's csm at lambda 0.013, 3000 steps; checkpoints/README.md). A
     # retrained bundle changes the id on purpose: files of an older bundle (aa8bace8..., ce608d9c...) name another
     # model and are refused.
-    assert codec_io.model_id(bundled).hex() == "29a6264979daeb34638be9c64bfc8833"
-    assert "cnn_depth" not in bundled.config.identity_dict()
+    assert codec_io.model_id(bundled_model).hex() == "29a6264979daeb34638be9c64bfc8833"
+    assert "cnn_depth" not in bundled_model.config.identity_dict()
     lighter = build_model("csm-small", cnn_depth=2)
     assert lighter.config.identity_dict()["cnn_depth"] == 2
+
+
+def test_every_bundled_quality_is_there_with_the_id_it_records():
+    """decode finds the checkpoint of a file by the ids in utils/bundled.py: they must be the files' own."""
+    assert bundled.DEFAULT_QUALITY in bundled.BUNDLED and codec.DEFAULT_CHECKPOINT == bundled.by_quality(2)
+    lambdas = [bundled.BUNDLED[q].lmbda for q in bundled.QUALITIES]
+    assert lambdas == sorted(lambdas)  # a higher quality is a higher rate
+    for quality, entry in bundled.BUNDLED.items():
+        assert entry.quality == quality
+        assert codec_io.model_id(codec_io.load_model(bundled.by_quality(quality))[0]).hex() == entry.model_id
+        assert bundled.by_model_id(bytes.fromhex(entry.model_id)) == quality
 
 
 def test_memory_estimate_grows_with_the_image_and_refuses(model):
@@ -356,14 +367,57 @@ def test_cli_refuses_a_compressai_architecture(tmp_path):
     assert not (tmp_path / "out.csm").exists()
 
 
-def test_missing_default_checkpoint_says_what_to_do(coded, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(codec, "DEFAULT_CHECKPOINT", tmp_path / "nowhere" / "csm-small.pth.tar")
+def test_missing_bundled_checkpoint_says_what_to_do(coded, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "FOLDER", tmp_path / "nowhere")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    assert codec.main(["encode", str(tmp_path / "in.png"), str(tmp_path / "out.csm")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the bundled checkpoint of quality 2") and "train.py" in err and "\n" not in err
+    assert not (tmp_path / "out.csm").exists()
+    # A file of a model that is not bundled: decoding without --checkpoint says to pass the one that encoded it.
     path = tmp_path / "a.csm"
     path.write_bytes(coded[0])
     assert codec.main(["decode", str(path), str(tmp_path / "out.png")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no --checkpoint given") and "train.py" in err and "\n" not in err
-    assert codec.DEFAULT_CHECKPOINT.name == "csm-small.pth.tar"
+    assert err.startswith(f"error: the file was encoded with model {coded[1].model_id.hex()}, none of the bundled")
+    assert "--checkpoint" in err and "\n" not in err
+
+
+def test_quality_picks_a_bundled_checkpoint_and_decode_finds_the_one_that_encoded(checkpoints, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Two tiny models stand in as qualities 1 and 2: --quality 1 encodes with the first; the decoder, given no
+    option, decodes with it (the file names its model id); --quality 2 is the wrong model and is refused."""
+    table = {q: bundled.Bundled(q, path.name, 0.01 * q, codec_io.model_id(codec_io.load_model(path)[0]).hex())
+             for q, path in zip((1, 2), checkpoints)}
+    monkeypatch.setattr(bundled, "FOLDER", checkpoints[0].parent)
+    monkeypatch.setattr(bundled, "BUNDLED", table)
+    monkeypatch.setattr(bundled, "QUALITIES", (1, 2))
+    save(random_rgb(24, 40, seed=2), tmp_path / "in.png")
+    coded = {}
+    for quality in (1, 2):
+        path = tmp_path / f"q{quality}.csm"
+        assert codec.main(["encode", str(tmp_path / "in.png"), str(path), "--quality", str(quality),
+                           "--recon", str(tmp_path / f"q{quality}_recon.png")]) == 0
+        coded[quality] = path.read_bytes()
+    assert coded[1] != coded[2]
+    assert codec.main(["encode", str(tmp_path / "in.png"), str(tmp_path / "default.csm")]) == 0
+    assert (tmp_path / "default.csm").read_bytes() == coded[2]  # the default quality
+    capsys.readouterr()
+    for quality in (1, 2):
+        assert codec.main(["decode", str(tmp_path / f"q{quality}.csm"), str(tmp_path / "out.png")]) == 0
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")),
+                              np.asarray(Image.open(tmp_path / f"q{quality}_recon.png")))
+    assert codec.main(["decode", str(tmp_path / "q1.csm"), str(tmp_path / "wrong.png"), "--quality", "2"]) == 1
+    assert "decode with the checkpoint that encoded it" in capsys.readouterr().err
+    assert not (tmp_path / "wrong.png").exists()
+
+
+def test_quality_and_checkpoint_are_exclusive_and_qualities_are_checked(checkpoints, tmp_path):
+    result = run_codec("decode", tmp_path / "a.csm", tmp_path / "b.png", "--quality", bundled.DEFAULT_QUALITY,
+                       "--checkpoint", checkpoints[0])
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    result = run_codec("encode", tmp_path / "a.png", tmp_path / "b.csm", "--quality", max(bundled.QUALITIES) + 1)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
 # --- the command line end to end ------------------------------------------------------------------------------

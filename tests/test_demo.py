@@ -39,3 +39,14 @@ def test_demo_without_checkpoint_is_a_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "none.pth.tar" in result.stderr
+
+
+def test_demo_takes_a_quality_or_a_checkpoint_not_both(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "demo.py", "--quality", "2", "--checkpoint", str(tmp_path / "c.pth.tar")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
