@@ -20,14 +20,12 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.interpolate import PchipInterpolator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils.image import atomic_write  # noqa: E402
-from utils.rd import bd_rate, load_rd, save_figure  # noqa: E402
+from utils.rd import bd_rate, gain_at_equal_rate, load_rd, save_figure  # noqa: E402
 
 PUBLISHED = REPO.parent / "shared" / "data" / "published_rd" / "kodak"
 REFERENCES = {"jpeg": "JPEG (published)", "webp": "WebP (published)"}  # published_rd/kodak/<name>.json
@@ -74,16 +72,6 @@ def read_runs(folder):
             "hours": curve[-1]["seconds"] / 3600 if curve else None,
         }
     return runs
-
-
-def gain_at_equal_rate(reference, bpp, psnr):
-    """PSNR of a point minus the reference curve's at the same bpp (PCHIP over log10 bpp); None outside it."""
-    rates, quality = np.asarray(reference["bpp"], float), np.asarray(reference["psnr"], float)
-    order = np.argsort(rates)
-    rates, quality = rates[order], quality[order]
-    if not rates[0] <= bpp <= rates[-1]:
-        return None
-    return float(psnr - PchipInterpolator(np.log10(rates), quality)(np.log10(bpp)))
 
 
 def model_size(model, macs):

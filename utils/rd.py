@@ -176,6 +176,17 @@ def bd_psnr(anchor_bpp, anchor_metric, test_bpp, test_metric) -> float:
     return _mean_gap(np.log10(rate_a), quality_a, np.log10(rate_t), quality_t, "log10 rate")
 
 
+def gain_at_equal_rate(reference: dict, bpp: float, psnr: float) -> float | None:
+    """PSNR of one point minus the curve `reference`'s ({"bpp", "psnr"} lists) at the same bpp, PCHIP over log10
+    bpp; None when the bpp lies outside the curve."""
+    rates, quality = np.asarray(reference["bpp"], float), np.asarray(reference["psnr"], float)
+    order = np.argsort(rates)
+    rates, quality = rates[order], quality[order]
+    if not rates[0] <= bpp <= rates[-1]:
+        return None
+    return float(psnr - PchipInterpolator(np.log10(rates), quality)(np.log10(bpp)))
+
+
 def bd_rate_curves(anchor: dict, test: dict, metric: str = "psnr-rgb") -> float:
     """BD-rate in percent of curve `test` vs curve `anchor` on `metric` (MS-SSIM compared in dB)."""
     return bd_rate(*rd_points(anchor, metric), *rd_points(test, metric))
