@@ -55,12 +55,16 @@ def report(published):
     if len(points) >= 2:
         bpp, psnr = [p["bpp"] for p in points], [p["psnr"] for p in points]
         for name, curve in references.items():
-            out[f"bd_rate_vs_{name}_percent"] = round(bd_rate(curve["bpp"], curve["psnr"], bpp, psnr), 2)
-            out[f"bd_psnr_vs_{name}_db"] = round(bd_psnr(curve["bpp"], curve["psnr"], bpp, psnr), 3)
+            for key, measure, digits in (("bd_rate_vs_{}_percent", bd_rate, 2), ("bd_psnr_vs_{}_db", bd_psnr, 3)):
+                try:
+                    out[key.format(name)] = round(measure(curve["bpp"], curve["psnr"], bpp, psnr), digits)
+                except ValueError as exc:  # no common interval: the reason, not a number
+                    out[key.format(name)] = None
+                    out[key.format(name) + "_note"] = str(exc)
     gains = [p["db_over_jpeg"] for p in points]
     out["targets"] = {
         "each_point_1db_over_jpeg": all(g is not None and g >= TARGET_DB_OVER_JPEG for g in gains),
-        "bd_rate_vs_jpeg_below_-20_percent": out.get("bd_rate_vs_jpeg_percent", 0.0) < TARGET_BD_RATE_VS_JPEG,
+        "bd_rate_vs_jpeg_below_-20_percent": (out.get("bd_rate_vs_jpeg_percent") or 0.0) < TARGET_BD_RATE_VS_JPEG,
     }
     return out
 
