@@ -1,7 +1,7 @@
 """The quick start: compress and decompress one image with the bundled CSM checkpoint, next to JPEG and WebP.
 
     python demo.py                      # a sample photo that matplotlib ships (Grace Hopper, 512x600)
-    python demo.py --image photo.png [--quality 1|2|3 | --checkpoint C] [--out-dir demo_out]
+    python demo.py --image photo.png [--quality Q | --checkpoint C] [--out-dir demo_out]
 
 The CSM file is a real ``.csm`` bitstream (``codec.py``'s format), decoded back from its bytes; JPEG and WebP are
 encoded by Pillow at the quality whose file size comes closest to the CSM file's, so the rows compare at about
